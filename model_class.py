@@ -1,0 +1,122 @@
+"""The shared model (alexnet | cnn | mlp backbone) and one classification head per task.
+
+As in the original repository, everything but the last classification layer is shared by all
+tasks and regularised by MAS; the last layer (the "head") belongs to one task. ``TaskModel``
+names its parameters ``shared.*`` and ``head.*``: these names are the keys of reg_params, of
+``shared_model.pth`` and of ``Task_k/head.pth``, the single key that ties them together.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils import AppError
+
+ARCHS = ("mlp", "cnn", "alexnet")
+ALEXNET_MIN_SIZE = 63  # smallest input for which AlexNet's feature maps stay non-empty
+
+
+class TaskModel(nn.Module):
+    """``head(shared(x))``: the shared backbone with the head of the current task."""
+
+    def __init__(self, shared: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.shared = shared
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(x))
+
+
+class AlexNetShared(nn.Module):
+    """AlexNet without its last layer: ``features``, ``avgpool`` and ``classifier[:-1]``, with
+    torchvision's parameter names so that torchvision's ImageNet weights load as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import alexnet
+
+        full = alexnet(weights=None)  # never weights=...: that would download
+        self.features = full.features
+        self.avgpool = full.avgpool
+        self.classifier = full.classifier[:-1]
+        self.out_features = full.classifier[-1].in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _mlp(input_shape: tuple[int, ...], hidden: int) -> nn.Sequential:
+    n_in = 1
+    for d in input_shape:
+        n_in *= d
+    return nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU())
+
+
+def _cnn(input_shape: tuple[int, ...], hidden: int) -> nn.Sequential:
+    """Two conv blocks and a fully connected layer; works from 8x8 digits upwards."""
+    channels = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64 * 4, hidden), nn.ReLU())
+
+
+def load_pretrained_alexnet(shared: AlexNetShared, path: str) -> None:
+    """Load torchvision AlexNet ImageNet weights from a local file (its last layer dropped)."""
+    from utils.checkpoint import load_tensors
+
+    state = load_tensors(Path(path))
+    if not isinstance(state, dict):
+        raise AppError(f"--pretrained {path}: not a state dict")
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
+    try:
+        shared.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise AppError(f"--pretrained {path}: not torchvision AlexNet weights ({first})") from None
+
+
+def build_shared(arch: str, input_shape: tuple[int, ...], hidden: int,
+                 pretrained: str | None = None) -> tuple[nn.Module, int]:
+    """The shared backbone for ``arch`` and its output width (the heads' input width)."""
+    if arch == "mlp":
+        return _mlp(input_shape, hidden), hidden
+    if arch == "cnn":
+        return _cnn(input_shape, hidden), hidden
+    if arch != "alexnet":
+        raise AppError(f"--arch {arch}: unknown (choose from {', '.join(ARCHS)})")
+    if len(input_shape) != 3 or input_shape[0] != 3 or min(input_shape[1:]) < ALEXNET_MIN_SIZE:
+        raise AppError(f"--arch alexnet needs RGB images of at least {ALEXNET_MIN_SIZE} pixels "
+                       f"(got input shape {tuple(input_shape)}); use --data_dir and --image_size")
+    shared = AlexNetShared()
+    if pretrained:
+        load_pretrained_alexnet(shared, pretrained)
+    return shared, shared.out_features
+
+
+def new_head(in_features: int, num_classes: int, seed: int) -> nn.Linear:
+    """A fresh head whose initialisation depends only on ``seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(in_features, num_classes)
+
+
+def freeze_first_layers(model: TaskModel, count: int) -> list[str]:
+    """Freeze the first ``count`` weight layers (Conv2d/Linear) of the shared backbone and return
+    the names of the frozen parameters (they are neither trained nor regularised).
+
+    For AlexNet these are its first ``count`` conv layers: ``--num_freeze_layers 2`` keeps the
+    two lowest, most generic ImageNet filters fixed, as the original's default intends.
+    """
+    frozen: list[str] = []
+    layers = [(name, m) for name, m in model.shared.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for name, module in layers[:count]:
+        for pname, p in module.named_parameters():
+            p.requires_grad_(False)
+            frozen.append(f"shared.{name}.{pname}")
+    return frozen

@@ -1,0 +1,503 @@
+"""Learn a sequence of tasks with Memory Aware Synapses and report forgetting.
+
+For each task: train the shared model and the task's head with ``mas_optim.LocalSgd`` (the MAS
+penalty lambda * sum Omega (theta - theta*)^2 of Aljundi et al. 2018, Eq. 3, applied inside the
+optimiser step), evaluate every task seen so far, estimate parameter importance Omega on the
+task's training data (``mas_optim.compute_omega``, Eq. 2), fold it into reg_params
+(``consolidate_reg_params``) and commit everything to ``--output_dir``.
+
+Run ``python train.py --help`` for the flags; ``docs/train.md`` describes outputs and numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import mas_optim
+from model_class import ARCHS, TaskModel, build_shared, freeze_first_layers, new_head
+from utils import AppError
+from utils.checkpoint import (CHECKPOINT, CHECKPOINT_VERSION, PLOT, RESULTS, SHARED, CrashHook,
+                              RunDir, to_bytes)
+from utils.data import (BENCHMARKS, Task, derived_seed, image_folder_tasks, make_loader,
+                        permuted_digits, split_digits, split_mnist)
+from utils.evaluate import accuracy, plot, report, results, results_json
+
+LR_STEP_EPOCHS = 20  # the original decays the learning rate x0.1 every 20 epochs
+LR_GAMMA = 0.1
+MOMENTUM = 0.9
+# Per-benchmark defaults (None on the command line = take these). The digits settings were
+# tuned by running fine-tuning (--reg_lambda 0) against MAS; see docs/train.md for the numbers.
+# "folders" keeps the original repository's defaults (batch 8, 10 epochs, lr 1e-3, lambda 0.01).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "split-digits": dict(num_epochs=20, batch_size=16, init_lr=0.05, reg_lambda=1.0,
+                         hidden=64, arch="mlp"),
+    "permuted-digits": dict(num_epochs=20, batch_size=16, init_lr=0.05, reg_lambda=1.0,
+                            hidden=64, arch="mlp"),
+    "split-mnist": dict(num_epochs=2, batch_size=64, init_lr=0.05, reg_lambda=1.0,
+                        hidden=256, arch="mlp"),
+    "folders": dict(num_epochs=10, batch_size=8, init_lr=0.001, reg_lambda=0.01, hidden=256,
+                    arch="alexnet"),
+}
+FLAG_DEFAULTS: dict[str, Any] = dict(
+    benchmark=None, data_dir=None, mnist_root=None, arch=None, image_size=None, hidden=None,
+    pretrained=None, num_freeze_layers=None, num_epochs=None, batch_size=None, init_lr=None,
+    reg_lambda=None, omega="per-sample", accumulate="sum", seed=0, output_dir="models",
+    resume=False, overwrite=False, use_gpu=False)
+IMAGE_SIZE_DEFAULT = {"alexnet": 224, "cnn": 32, "mlp": 32}
+# Settings that determine the result: stored in the checkpoint and results.json, and checked
+# against explicitly given flags on --resume.
+CONFIG_KEYS = ("benchmark", "data_dir", "mnist_root", "arch", "image_size", "hidden",
+               "pretrained", "num_freeze_layers", "num_epochs", "batch_size", "init_lr",
+               "reg_lambda", "omega", "accumulate", "seed")
+
+
+# --- command line ------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as ONE line (exit 2), like every other input error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind: type, minimum: float, strict: bool):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"{text} must be {'>' if strict else '>='} {minimum}")
+        return value
+    return parse
+
+
+def _accumulate(text: str) -> str | float:
+    if text == "sum":
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'sum' or a number in [0, 1]") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: alpha must be in [0, 1]")
+    return alpha
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = _Parser(prog="train.py", argument_default=argparse.SUPPRESS, description=(
+        "Train a sequence of tasks with Memory Aware Synapses (Aljundi et al., ECCV 2018) and "
+        "report forgetting. Without arguments: Split Digits (scikit-learn digits, 5 tasks of 2 "
+        "digits), under a minute on a CPU."))
+    p.add_argument("--benchmark", choices=BENCHMARKS,
+                   help="built-in task sequence (default split-digits; not with --data_dir): "
+                        "split-digits, permuted-digits (5 pixel permutations, 10 classes each), "
+                        "split-mnist (needs --mnist_root)")
+    p.add_argument("--data_dir",
+                   help="folder with one sub-folder per task (sorted), each holding train/ and "
+                        "test/ in ImageFolder layout (<split>/<class>/<image>)")
+    p.add_argument("--mnist_root",
+                   help="for split-mnist: folder holding MNIST/raw/ with MNIST's four idx files")
+    p.add_argument("--arch", choices=ARCHS,
+                   help="shared backbone: mlp (default for built-in benchmarks), cnn, alexnet "
+                        "(default with --data_dir; AlexNet's features+classifier shared, its last "
+                        "layer one head per task)")
+    p.add_argument("--image_size", type=_number(int, 0, True),
+                   help="images are resized to NxN (--data_dir only; default 224 for alexnet, "
+                        "32 for cnn/mlp; alexnet needs >= 63)")
+    p.add_argument("--hidden", type=_number(int, 0, True),
+                   help=f"width of the mlp/cnn backbone (default {d['split-digits']['hidden']} for "
+                        f"digits, {d['folders']['hidden']} otherwise)")
+    p.add_argument("--pretrained", metavar="PATH",
+                   help="torchvision AlexNet ImageNet weights file (e.g. alexnet-owt-7be5be79.pth)"
+                        "; nothing is downloaded, without it AlexNet trains from scratch")
+    p.add_argument("--num_freeze_layers", type=_number(int, 0, False),
+                   help="freeze the first K conv/linear layers of the shared backbone: neither "
+                        "trained nor regularised (default 2 for alexnet, 0 otherwise)")
+    p.add_argument("--num_epochs", type=_number(int, 0, True),
+                   help=f"epochs per task (default {d['split-digits']['num_epochs']} for digits, "
+                        f"{d['folders']['num_epochs']} with --data_dir)")
+    p.add_argument("--batch_size", type=_number(int, 0, True),
+                   help=f"batch size (default {d['split-digits']['batch_size']} for digits, "
+                        f"{d['folders']['batch_size']} with --data_dir)")
+    p.add_argument("--init_lr", type=_number(float, 0, True),
+                   help=f"initial learning rate, x{LR_GAMMA} every {LR_STEP_EPOCHS} epochs, SGD "
+                        f"momentum {MOMENTUM} (default {d['split-digits']['init_lr']} for digits, "
+                        f"{d['folders']['init_lr']} with --data_dir)")
+    p.add_argument("--reg_lambda", type=_number(float, 0, False),
+                   help="MAS penalty strength lambda in lambda*sum(Omega*(theta-theta*)^2); 0 is "
+                        f"plain fine-tuning (default {d['split-digits']['reg_lambda']} for digits, "
+                        f"{d['folders']['reg_lambda']} with --data_dir)")
+    p.add_argument("--omega", choices=("per-sample", "batch"),
+                   help="importance: mean over samples of |d||f(x)||^2/dtheta| (per-sample, the "
+                        "paper's Eq. 2) or from the gradient of whole batches (faster, coarser)")
+    p.add_argument("--accumulate", type=_accumulate,
+                   help="how Omega of a new task joins the old: 'sum' (the paper) or alpha in "
+                        "[0,1] for a running average")
+    p.add_argument("--seed", type=int,
+                   help="seed for initialisation and data order (default 0)")
+    p.add_argument("--output_dir",
+                   help="where shared_model.pth, reg_params.pickle, Task_k/, results.json, "
+                        "accuracy.png and checkpoint.pth go (default models)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output_dir from its last checkpoint (finished "
+                        "tasks are not redone; on a finished run just print its report)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --output_dir holds one")
+    p.add_argument("--use_gpu", action="store_true", help="train on the CUDA GPU")
+    return p
+
+
+def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The parsed flags with defaults filled in, and the flags the user actually typed (what
+    --resume checks against the stored run)."""
+    given = vars(build_parser().parse_args(argv))
+    return argparse.Namespace(**{**FLAG_DEFAULTS, **given}), given
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of a new run: flags, then per-benchmark defaults."""
+    if args.data_dir is not None and args.benchmark is not None:
+        raise AppError("give either --benchmark or --data_dir, not both")
+    benchmark = "folders" if args.data_dir is not None else (args.benchmark or "split-digits")
+    config = {k: getattr(args, k) for k in CONFIG_KEYS if k != "benchmark"}
+    config["benchmark"] = benchmark
+    arch = args.arch or DEFAULTS[benchmark]["arch"]
+    config["arch"] = arch
+    for key, value in DEFAULTS[benchmark].items():
+        if config.get(key) is None:
+            config[key] = value
+    if config["num_freeze_layers"] is None:
+        config["num_freeze_layers"] = 2 if arch == "alexnet" else 0
+    if benchmark == "folders":
+        config["image_size"] = args.image_size or IMAGE_SIZE_DEFAULT[arch]
+    elif args.image_size is not None:
+        raise AppError("--image_size applies to --data_dir images only")
+    if args.pretrained is not None and arch != "alexnet":
+        raise AppError("--pretrained holds AlexNet weights: use it with --arch alexnet")
+    return {k: config[k] for k in CONFIG_KEYS}
+
+
+def resume_config(stored: dict[str, Any], given: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The stored settings of the run to resume; refuse flags that would change its result."""
+    for key in CONFIG_KEYS:
+        if key in given and given[key] != stored.get(key):
+            raise AppError(f"--resume: {where} was started with --{key} {stored.get(key)}, not "
+                           f"{given[key]} (drop the flag, or use another --output_dir)")
+    return stored
+
+
+def load_tasks(config: dict[str, Any]) -> list[Task]:
+    benchmark = config["benchmark"]
+    if benchmark == "folders":
+        return image_folder_tasks(config["data_dir"], config["image_size"])
+    if benchmark == "split-mnist":
+        return split_mnist(config["mnist_root"])
+    return split_digits() if benchmark == "split-digits" else permuted_digits()
+
+
+# --- progress output ---------------------------------------------------------------------------
+class Progress:
+    """tqdm bars when stdout is a terminal; a few plain log lines otherwise (CI logs, files)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def bar(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
+        if not self.tty:
+            return iterable
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stdout,
+                    dynamic_ncols=True)
+
+    def log(self, message: str, always: bool = True) -> None:
+        if self.tty:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+        elif always:
+            print(message, flush=True)
+
+
+# --- training ----------------------------------------------------------------------------------
+class Diverged(AppError):
+    """Training produced a non-finite loss or parameter."""
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class Trainer:
+    """Runs the task sequence from a committed state; every commit goes through ``RunDir``."""
+
+    def __init__(self, config: dict[str, Any], tasks: list[Task], run_dir: RunDir,
+                 device: torch.device, progress: Progress) -> None:
+        self.config = config
+        self.tasks = tasks
+        self.run_dir = run_dir
+        self.device = device
+        self.progress = progress
+        self.hook = run_dir.hook
+
+    # state <-> objects
+    def initial_state(self) -> dict[str, Any]:
+        """Fresh weights from --seed, zero importance (task 1 is trained without penalty)."""
+        torch.manual_seed(self.config["seed"])
+        model = self._model(0, self.config["pretrained"])
+        frozen = freeze_first_layers(model, self.config["num_freeze_layers"])
+        head_names = [f"head.{n}" for n, _ in model.head.named_parameters()]
+        reg_params = mas_optim.init_reg_params(model, freeze_layers=frozen + head_names)
+        return {
+            "version": CHECKPOINT_VERSION, "config": self.config,
+            "tasks": [t.name for t in self.tasks], "classes": [t.classes for t in self.tasks],
+            "task": 0, "epoch": 0, "shared": _cpu(_shared_state(model)),
+            "head": None, "heads": [], "optimizer": None, "scheduler": None,
+            "reg_params": {n: _cpu(d) for n, d in reg_params.items()}, "acc_matrix": [],
+            "rng": _rng_state(self.device),
+        }
+
+    def _model(self, task: int, pretrained: str | None) -> TaskModel:
+        """A new backbone (global RNG) with task ``task``'s head (seeded by --seed and task)."""
+        shared, width = build_shared(self.config["arch"], self.tasks[0].input_shape,
+                                     self.config["hidden"], pretrained)
+        head = new_head(width, len(self.tasks[task].classes),
+                        derived_seed(self.config["seed"], "head", task))
+        return TaskModel(shared, head)
+
+    def _restore_model(self, state: dict[str, Any], task: int) -> TaskModel:
+        """The model of a committed state. Built without touching the global RNG, so that a
+        resumed run draws the same dropout/augmentation numbers as an uninterrupted one."""
+        with torch.random.fork_rng(devices=[]):
+            model = self._model(task, pretrained=None)
+        model.shared.load_state_dict({k.removeprefix("shared."): v
+                                      for k, v in state["shared"].items()})
+        if state["head"] is not None:
+            model.head.load_state_dict(state["head"])
+        freeze_first_layers(model, self.config["num_freeze_layers"])
+        return model.to(self.device)
+
+    # the run
+    def run(self, state: dict[str, Any] | None) -> dict[str, Any]:
+        """Train every unfinished task; return the results document."""
+        if state is None:
+            if self.config["arch"] == "alexnet" and not self.config["pretrained"]:
+                self.progress.log("note: no --pretrained weights: AlexNet trains from scratch "
+                                  "(random initialisation)")
+            state = self.initial_state()
+            self.run_dir.save_checkpoint(state)
+        else:
+            _set_rng_state(state["rng"], self.device)
+            if state["epoch"] == 0:
+                self.export(state)  # a commit may have been cut off before its public files
+        while state["task"] < len(self.tasks):
+            state = self.train_task(state)
+        return results(state["tasks"], state["acc_matrix"], self.config)
+
+    def train_task(self, state: dict[str, Any]) -> dict[str, Any]:
+        cfg, t = self.config, state["task"]
+        task = self.tasks[t]
+        model = self._restore_model(state, t)
+        reg_params = {n: {k: v.to(self.device, copy=True) for k, v in d.items()}
+                      for n, d in state["reg_params"].items()}
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = mas_optim.LocalSgd(trainable, reg_params=reg_params,
+                                       reg_lambda=cfg["reg_lambda"], lr=cfg["init_lr"],
+                                       momentum=MOMENTUM)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
+        if state["epoch"] > 0:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        label = f"task {t + 1}/{len(self.tasks)} ({task.name})"
+        every = max(1, math.ceil(cfg["num_epochs"] / 5))
+        for epoch in range(state["epoch"], cfg["num_epochs"]):
+            loss, penalty = self.train_epoch(model, optimizer, task, t, epoch, label)
+            scheduler.step()
+            self._check_finite(model, t, epoch, "a parameter")
+            state = {**state, "epoch": epoch + 1, "shared": _cpu(_shared_state(model)),
+                     "head": _cpu(model.head.state_dict()), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": _rng_state(self.device)}
+            self.run_dir.save_checkpoint(state)
+            self.hook("after-epoch")
+            self.progress.log(f"{label} epoch {epoch + 1}/{cfg['num_epochs']}: loss {loss:.4f}, "
+                              f"MAS penalty {penalty:.4f}",
+                              always=(epoch + 1) % every == 0 or epoch + 1 == cfg["num_epochs"])
+        return self.finish_task(state, model, reg_params, t, label)
+
+    def train_epoch(self, model: TaskModel, optimizer: mas_optim.LocalSgd, task: Task, t: int,
+                    epoch: int, label: str) -> tuple[float, float]:
+        """One pass over the task's data in an order fixed by (seed, task, epoch)."""
+        model.train()
+        loader = make_loader(task.train, self.config["batch_size"],
+                             derived_seed(self.config["seed"], t, epoch))
+        total, seen, middle = 0.0, 0, len(loader) // 2
+        for i, (x, y) in enumerate(self.progress.bar(loader, f"{label} epoch {epoch + 1}")):
+            if i == middle:
+                self.hook("mid-epoch")
+            x, y = x.to(self.device), y.to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise self._diverged(t, epoch, f"the loss became {loss.item()}")
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+        penalty = float(optimizer.penalty())
+        if not math.isfinite(penalty):
+            raise self._diverged(t, epoch, f"the MAS penalty became {penalty}")
+        return total / max(seen, 1), penalty
+
+    def finish_task(self, state: dict[str, Any], model: TaskModel,
+                    reg_params: dict[str, dict[str, torch.Tensor]], t: int, label: str
+                    ) -> dict[str, Any]:
+        """Evaluate all tasks so far, estimate importance, consolidate, commit, export."""
+        cfg = self.config
+        row = []
+        own_head = model.head
+        for j in range(t + 1):
+            if j < t:
+                model.head = new_head(own_head.in_features, len(self.tasks[j].classes), 0)
+                model.head.load_state_dict(state["heads"][j])
+                model.head.to(self.device)
+            else:
+                model.head = own_head
+            row.append(accuracy(model, make_loader(self.tasks[j].test, cfg["batch_size"]),
+                                self.device))
+        omega = mas_optim.compute_omega(model, self._importance_batches(t, label),
+                                        per_sample=cfg["omega"] == "per-sample")
+        if not all(torch.isfinite(o).all() for o in omega.values()):
+            raise self._diverged(t, cfg["num_epochs"] - 1, "the importance Omega is not finite")
+        reg_params = mas_optim.consolidate_reg_params(reg_params, model, omega,
+                                                      accumulate=cfg["accumulate"])
+        state = {**state, "task": t + 1, "epoch": 0, "shared": _cpu(_shared_state(model)),
+                 "head": None, "heads": state["heads"] + [_cpu(model.head.state_dict())],
+                 "optimizer": None, "scheduler": None,
+                 "reg_params": {n: _cpu(d) for n, d in reg_params.items()},
+                 "acc_matrix": state["acc_matrix"] + [row], "rng": _rng_state(self.device)}
+        self.run_dir.save_checkpoint(state)
+        self.export(state)
+        self.progress.log(f"{label} done: accuracy " + " ".join(f"{a:.1f}" for a in row))
+        self.hook("after-task")
+        return state
+
+    def _importance_batches(self, t: int, label: str) -> Iterator[Any]:
+        """The task's training data in fixed order for the importance pass (on the device)."""
+        loader = make_loader(self.tasks[t].train, self.config["batch_size"])
+        middle = len(loader) // 2
+        for i, (x, y) in enumerate(self.progress.bar(loader, f"{label} importance")):
+            if i == middle:
+                self.hook("importance")
+            yield x.to(self.device), y.to(self.device)
+
+    def _check_finite(self, model: TaskModel, t: int, epoch: int, what: str) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise self._diverged(t, epoch, f"{what} became NaN or Inf")
+
+    def _diverged(self, t: int, epoch: int, what: str) -> Diverged:
+        cfg = self.config
+        return Diverged(
+            f"training diverged on task {t + 1}, epoch {epoch + 1}: {what} with --reg_lambda "
+            f"{cfg['reg_lambda']} and --init_lr {cfg['init_lr']} (the penalty step "
+            f"2*lr*reg_lambda*Omega is too large for an explicit gradient step); lower --init_lr "
+            f"or --reg_lambda and start again with --overwrite. The last good state is kept in "
+            f"{self.run_dir.path(CHECKPOINT)}")
+
+    # public files
+    def export(self, state: dict[str, Any]) -> None:
+        """Write the original layout's files from a committed state (skipping unchanged ones)."""
+        done = state["task"]
+        if done == 0:
+            return
+        for k in range(done):
+            folder = self.run_dir.task_dir(k)
+            self.run_dir.write(f"{folder}/head.pth", to_bytes(state["heads"][k]))
+            self.run_dir.write(f"{folder}/classes.txt", ("\n".join(state["classes"][k]) +
+                                                         "\n").encode())
+            self.run_dir.write(f"{folder}/performance.txt",
+                               f"{state['acc_matrix'][k][k]:.4f}\n".encode())
+        self.run_dir.write_reg_params(state["reg_params"])
+        self.run_dir.write(SHARED, to_bytes(state["shared"]))
+        doc = results(state["tasks"], state["acc_matrix"], state["config"])
+        self.run_dir.write(RESULTS, results_json(doc))
+        if done == len(state["tasks"]):
+            self.run_dir.write(PLOT, plot(doc))
+
+
+def _shared_state(model: TaskModel) -> dict[str, torch.Tensor]:
+    """The shared backbone's tensors under their reg_params names (``shared.*``)."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith("shared.")}
+
+
+# --- entry point -------------------------------------------------------------------------------
+def _device(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise AppError("--use_gpu: no CUDA GPU is available")
+    return torch.device("cuda")
+
+
+def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
+    run_dir = RunDir(Path(args.output_dir), CrashHook.from_env())
+    progress = Progress(sys.stdout.isatty())
+    device = _device(args.use_gpu)
+    if args.resume:
+        run_dir.prepare(create=False)
+        state = run_dir.load_checkpoint()
+        if state is None:
+            raise AppError(f"--resume: nothing to resume in {run_dir.root} (no {CHECKPOINT})")
+        config = resume_config(state["config"], given, run_dir.root)
+        run_dir.check_saved_files(state)
+    else:
+        config = resolve_config(args)
+        run_dir.prepare(create=True)
+        if run_dir.path(CHECKPOINT).exists():
+            if not args.overwrite:
+                raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume "
+                               "to continue it, --overwrite to start over, or pick another "
+                               "--output_dir")
+            run_dir.clear()
+        state = None
+    tasks = load_tasks(config)
+    if state is not None and ([t.name for t in tasks] != state["tasks"]
+                              or [t.classes for t in tasks] != state["classes"]):
+        raise AppError(f"--resume: the tasks found now differ from those of the run in "
+                       f"{run_dir.root} ({', '.join(state['tasks'])})")
+    doc = Trainer(config, tasks, run_dir, device, progress).run(state)
+    print(report(doc))
+    print(f"Saved in {run_dir.root}/: {SHARED}, reg_params.pickle, Task_k/, {RESULTS}, {PLOT}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and run; input and file problems -> one line on stderr, exit code 2."""
+    args, given = parse_flags(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return run(args, given)
+    except AppError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

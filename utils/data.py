@@ -1,0 +1,208 @@
+"""Task sequences: Split/Permuted Digits (bundled with scikit-learn), Split MNIST, image folders.
+
+Every task is a classification problem with its own label space (0..C-1) and its own head
+(the task-incremental setting of MAS, Aljundi et al. 2018, Sec. 5). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from utils import AppError
+
+BENCHMARKS = ("split-digits", "permuted-digits", "split-mnist")
+DIGITS_TEST_FRACTION = 0.3
+DIGITS_SPLIT_SEED = 0  # the train/test split is fixed: it is part of the benchmark, not of --seed
+NUM_PERMUTED_TASKS = 5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of the sequence: its name, class names (index = label) and datasets."""
+
+    name: str
+    classes: list[str]
+    train: Dataset
+    test: Dataset
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train[0][0].shape)
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    """A seed that is a pure function of (--seed, parts): e.g. (task, epoch) for one epoch's data
+    order, so a resumed run shuffles exactly as an uninterrupted one without replaying any RNG."""
+    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle_seed: int | None = None) -> DataLoader:
+    """Batches in a fixed order (``shuffle_seed`` None) or shuffled by a private generator.
+
+    The loader always gets its own generator: DataLoader otherwise draws its base seed from
+    the global RNG, which would make evaluation perturb dropout/augmentation randomness."""
+    generator = torch.Generator().manual_seed(0 if shuffle_seed is None else shuffle_seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None,
+                      generator=generator)
+
+
+# --- scikit-learn digits -----------------------------------------------------------------------
+def _digits() -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """All 1,797 8x8 digits as (N, 1, 8, 8) floats in [0, 1], labels, and the fixed stratified
+    train/test index split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED)
+    return x, y, np.sort(train_idx), np.sort(test_idx)
+
+
+def _split_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                 y_test: torch.Tensor, prefix: str) -> list[Task]:
+    """Five tasks of two consecutive digits each (0/1, 2/3, ...), labels remapped to 0/1."""
+    tasks = []
+    for first in range(0, 10, 2):
+        def part(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
+            keep = (y == first) | (y == first + 1)
+            return TensorDataset(x[keep], y[keep] - first)
+        tasks.append(Task(f"{prefix} {first}/{first + 1}", [str(first), str(first + 1)],
+                          part(x_train, y_train), part(x_test, y_test)))
+    return tasks
+
+
+def split_digits() -> list[Task]:
+    """Split Digits: scikit-learn's digits as 5 two-class tasks (0/1, 2/3, 4/5, 6/7, 8/9)."""
+    x, y, tr, te = _digits()
+    return _split_tasks(x[tr], y[tr], x[te], y[te], "digits")
+
+
+def permuted_digits() -> list[Task]:
+    """Permuted Digits: 5 tasks of all 10 digits, task k with its own fixed pixel permutation
+    (task 1 unpermuted). Permutations are fixed, independent of --seed."""
+    x, y, tr, te = _digits()
+    flat = x.flatten(1)
+    tasks = []
+    for k in range(NUM_PERMUTED_TASKS):
+        perm = (torch.arange(flat.shape[1]) if k == 0 else
+                torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(k)))
+        xk = flat[:, perm].reshape(x.shape)
+        tasks.append(Task(f"permutation {k + 1}", [str(d) for d in range(10)],
+                          TensorDataset(xk[tr], y[tr]), TensorDataset(xk[te], y[te])))
+    return tasks
+
+
+# --- MNIST -------------------------------------------------------------------------------------
+def split_mnist(root: str | None) -> list[Task]:
+    """Split MNIST (the original repository's to-do) from MNIST's raw idx files under
+    ``root/MNIST/raw/``, read by torchvision with ``download=False``."""
+    if not root:
+        raise AppError("--benchmark split-mnist needs --mnist_root DIR (the folder holding "
+                       "MNIST/raw/ with the four idx files)")
+    from torchvision.datasets import MNIST
+
+    try:
+        train, test = (MNIST(root, train=flag, download=False) for flag in (True, False))
+    except RuntimeError:
+        raw = Path(root) / "MNIST" / "raw"
+        raise AppError(
+            f"--mnist_root {root}: MNIST not found; put {', '.join(MNIST_FILES)} (unzipped) in "
+            f"{raw}/ -- e.g. fetch them where there is network with "
+            f"torchvision.datasets.MNIST('{root}', download=True)") from None
+
+    def tensors(ds: MNIST) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (ds.data.float().div(255.0).sub(0.1307).div(0.3081)).unsqueeze(1)
+        return x, ds.targets.long()
+
+    return _split_tasks(*tensors(train), *tensors(test), prefix="mnist")
+
+
+# --- image folders -----------------------------------------------------------------------------
+class ImageFiles(Dataset):
+    """Labelled image files loaded on access (RGB), with a transform."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+
+        path, label = self.samples[i]
+        try:
+            image = default_loader(str(path))
+        except OSError as exc:
+            raise AppError(f"{path}: cannot read image ({exc})") from None
+        return self.transform(image), label
+
+
+def _class_images(class_dir: Path) -> list[Path]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    images = sorted(p for p in class_dir.rglob("*")
+                    if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+    if not images:
+        raise AppError(f"{class_dir}: class folder without images "
+                       f"({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    return images
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise AppError(f"{split_dir}: no class folders (ImageFolder layout: {split_dir}/<class>/"
+                       "<image>)")
+    return dirs
+
+
+def image_folder_tasks(data_dir: str, image_size: int) -> list[Task]:
+    """The original layout: ``data_dir/<task>/{train,test}/<class>/<image>``, tasks in sorted
+    order. Images are resized to ``image_size`` and normalised with ImageNet statistics (what
+    pretrained AlexNet expects); training images are also flipped at random."""
+    from torchvision import transforms as T
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise AppError(f"--data_dir {root}: no such folder")
+    task_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not task_dirs:
+        raise AppError(f"--data_dir {root}: no task folders (expected {root}/<task>/train/ and "
+                       f"{root}/<task>/test/)")
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_tf = T.Compose([T.Resize((image_size, image_size)), T.RandomHorizontalFlip(),
+                          *normalize])
+    test_tf = T.Compose([T.Resize((image_size, image_size)), *normalize])
+    tasks = []
+    for task_dir in task_dirs:
+        for split in ("train", "test"):
+            if not (task_dir / split).is_dir():
+                raise AppError(f"{task_dir}: no {split}/ folder (each task folder needs train/ "
+                               "and test/)")
+        train_classes = _class_dirs(task_dir / "train")
+        index = {d.name: i for i, d in enumerate(train_classes)}
+        train = [(p, index[d.name]) for d in train_classes for p in _class_images(d)]
+        test = []
+        for d in _class_dirs(task_dir / "test"):
+            if d.name not in index:
+                raise AppError(f"{d}: class not in {task_dir / 'train'}")
+            test += [(p, index[d.name]) for p in _class_images(d)]
+        tasks.append(Task(task_dir.name, list(index), ImageFiles(train, train_tf),
+                          ImageFiles(test, test_tf)))
+    return tasks

@@ -1,0 +1,99 @@
+"""Accuracy, forgetting, ``results.json``, the report table and ``accuracy.png``.
+
+Forgetting of task k (percentage points) is its test accuracy right after it was trained minus
+its accuracy at the end of the sequence, as the original repository reports it (and as
+``performance.txt`` records it); the last task has 0 by definition.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy in percent; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        pred = model(x.to(device)).argmax(dim=1)
+        correct += int((pred.cpu() == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return round(100.0 * correct / max(total, 1), 4)
+
+
+def results(tasks: list[str], acc_matrix: list[list[float]], config: dict[str, Any]
+            ) -> dict[str, Any]:
+    """The ``results.json`` document for the tasks finished so far.
+
+    ``acc_matrix[i][j]`` is the accuracy on task j after training task i (j <= i).
+    """
+    done = len(acc_matrix)
+    final = list(acc_matrix[-1]) if acc_matrix else []
+    forgetting = [round(acc_matrix[j][j] - final[j], 4) for j in range(done)]
+    return {
+        "tasks": tasks[:done],
+        "acc_matrix": [list(row) for row in acc_matrix],
+        "final_acc": final,
+        "forgetting": forgetting,
+        "avg_acc": round(sum(final) / done, 4) if done else None,
+        "avg_forgetting": round(sum(forgetting[:-1]) / (done - 1), 4) if done > 1 else None,
+        "config": config,
+    }
+
+
+def results_json(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def report(doc: dict[str, Any]) -> str:
+    """The table printed at the end: per task, accuracy after training, final, forgetting."""
+    width = max([len("Task")] + [len(t) for t in doc["tasks"]])
+    lines = [f"{'#':>2}  {'Task':<{width}}  {'After training':>14}  {'Final':>7}  "
+             f"{'Forgetting':>10}"]
+    for j, name in enumerate(doc["tasks"]):
+        lines.append(f"{j + 1:>2}  {name:<{width}}  {doc['acc_matrix'][j][j]:>13.2f}%  "
+                     f"{doc['final_acc'][j]:>6.2f}%  {doc['forgetting'][j]:>9.2f}pp")
+    avg_f = doc["avg_forgetting"]
+    lines.append(f"Average accuracy {doc['avg_acc']:.2f}%, average forgetting "
+                 f"{'n/a' if avg_f is None else f'{avg_f:.2f}pp'} (over all but the last task)")
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any]) -> bytes:
+    """``accuracy.png``: the accuracy matrix as a heatmap beside forgetting per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(doc["tasks"])
+    grid = [[float("nan")] * n for _ in range(n)]
+    for i, row in enumerate(doc["acc_matrix"]):
+        grid[i][:len(row)] = row
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    image = left.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for i, row in enumerate(doc["acc_matrix"]):
+        for j, value in enumerate(row):
+            left.text(j, i, f"{value:.1f}", ha="center", va="center",
+                      color="white" if value < 60 else "black", fontsize=8)
+    ticks = [str(k + 1) for k in range(n)]
+    left.set(xticks=range(n), xticklabels=ticks, yticks=range(n), yticklabels=ticks,
+             xlabel="evaluated on task", ylabel="after training task", title="Test accuracy (%)")
+    fig.colorbar(image, ax=left, fraction=0.046)
+    right.bar(ticks, doc["forgetting"], color="tab:red")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set(xlabel="task", ylabel="percentage points",
+              title=f"Forgetting (avg {doc['avg_forgetting'] or 0:.2f}pp)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
