@@ -1,0 +1,37 @@
+"""mas-optim: Memory Aware Synapses (Aljundi et al., ECCV 2018) as PyTorch optimizers.
+
+Learn a sequence of tasks without forgetting the earlier ones:
+
+* :class:`LocalSgd` - drop-in ``torch.optim.SGD`` that adds the MAS penalty gradient
+  2λΩ(θ − θ*) inside ``step()``;
+* :func:`compute_omega` (and :class:`OmegaSgd`) - the importance Ω after each task;
+* :func:`init_reg_params`, :func:`consolidate_reg_params`, :func:`save_reg_params`,
+  :func:`load_reg_params` - what is remembered between tasks, keyed by parameter name.
+"""
+
+from .atomic import atomic_write
+from .importance import compute_omega
+from .local_sgd import LocalSgd
+from .omega_sgd import OmegaSgd
+from .reg_params import (
+    RegParamsError,
+    consolidate_reg_params,
+    init_reg_params,
+    load_reg_params,
+    save_reg_params,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LocalSgd",
+    "OmegaSgd",
+    "RegParamsError",
+    "atomic_write",
+    "compute_omega",
+    "consolidate_reg_params",
+    "init_reg_params",
+    "load_reg_params",
+    "save_reg_params",
+    "__version__",
+]

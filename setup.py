@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+for line in (Path(__file__).parent / "mas_optim" / "__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)
+
+setup(
+    name="mas-optim",
+    version=version["__version__"],
+    description="Memory Aware Synapses (MAS) for continual learning as PyTorch optimizers",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    packages=find_packages(include=["mas_optim", "mas_optim.*"]),
+    python_requires=">=3.9",
+    # torch 2.6 is the first with named parameters in optimizers (LocalSgd keys reg_params by
+    # name). Tested with torch 2.14.1 and torchvision 0.29.1.
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        # train.py, model_class.py and utils/ (the application around the library)
+        "train": ["torchvision>=0.21", "scikit-learn", "matplotlib", "tqdm"],
+        "test": ["pytest", "hypothesis", "torchvision>=0.21", "scikit-learn",
+                 "matplotlib", "tqdm"],
+    },
+)

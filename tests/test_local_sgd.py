@@ -1,0 +1,275 @@
+"""LocalSgd against its definition: torch SGD on loss + λ Σ Ω (θ − θ*)² through autograd."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import mas_optim
+from mas_optim import LocalSgd
+from mas_optim import local_sgd as local_sgd_module
+
+
+def make_mlp(seed=0, hidden=16):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+
+def random_reg_params(model, seed=1, skip=()):
+    g = torch.Generator().manual_seed(seed)
+    return {n: {"omega": torch.rand(p.shape, generator=g) * 2,
+                "init_val": p.detach() + 0.3 * torch.randn(p.shape, generator=g)}
+            for n, p in model.named_parameters() if n not in skip}
+
+
+def autograd_penalty(model, reg_params, lam):
+    total = 0.0
+    for n, p in model.named_parameters():
+        if n in reg_params:
+            total = total + (reg_params[n]["omega"] * (p - reg_params[n]["init_val"]) ** 2).sum()
+    return lam * total
+
+
+def batches(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(5, 8, generator=g), torch.randint(0, 3, (5,), generator=g))
+            for _ in range(n)]
+
+
+def run_pair(hp, lam=0.7, steps=6, skip=(), sign=1.0):
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref, skip=skip)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam, **hp)
+    for x, y in batches(steps):
+        opt_ref.zero_grad()
+        task = nn.functional.cross_entropy(ref(x), y)
+        # maximize=True ascends the task loss but must still descend the penalty
+        (task + sign * autograd_penalty(ref, reg, lam)).backward()
+        opt_ref.step()
+        opt.zero_grad()
+        nn.functional.cross_entropy(ours(x), y).backward()
+        opt.step()
+    return ref, ours
+
+
+HYPER = [
+    dict(lr=0.05),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, nesterov=True),
+    dict(lr=0.05, momentum=0.8, dampening=0.3),
+    dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+    dict(lr=0.05, weight_decay=0.05),
+    dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.02),
+]
+
+
+@pytest.mark.parametrize("hp", HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
+def test_matches_torch_sgd_on_penalised_loss(hp):
+    ref, ours = run_pair(hp)
+    for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
+        assert (a - b).abs().max().item() <= 1e-5, n
+
+
+def test_maximize_negates_only_the_task_gradient():
+    hp = dict(lr=0.02, momentum=0.9, maximize=True)
+    ref, ours = run_pair(hp, sign=-1.0)  # ref maximizes task − penalty
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_unregistered_parameters_get_plain_sgd():
+    skip = ("2.weight", "2.bias")  # the "head"
+    ref, ours = run_pair(dict(lr=0.05, momentum=0.9), skip=skip)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_penalty_changes_the_trajectory():
+    """Guards the reference itself: with λ > 0 the result differs from plain SGD."""
+    plain, ours = make_mlp(), make_mlp()
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.05)
+    opt = LocalSgd(ours.named_parameters(), reg_params=random_reg_params(ours), reg_lambda=1.0,
+                   lr=0.05)
+    for x, y in batches(2):
+        for o, m in ((opt_plain, plain), (opt, ours)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    assert max((a - b).abs().max().item()
+               for a, b in zip(plain.parameters(), ours.parameters())) > 1e-3
+
+
+def test_large_parameters_are_updated_slice_by_slice(monkeypatch):
+    monkeypatch.setattr(local_sgd_module, "_CHUNK", 7)  # forces many slices on every tensor
+    for hp in (dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
+               dict(lr=0.05)):
+        ref, ours = run_pair(hp)
+        for a, b in zip(ref.parameters(), ours.parameters()):
+            assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_step_accepts_reg_params_positionally_as_the_original_code():
+    model = make_mlp()
+    reg = random_reg_params(model)
+    ref = make_mlp()
+    opt_ref = LocalSgd(ref.named_parameters(), reg_params=reg, reg_lambda=0.5, lr=0.1)
+    opt = LocalSgd(model.named_parameters(), reg_lambda=0.5, lr=0.1)  # no reg_params yet
+    x, y = batches(1)[0]
+    for m, o, arg in ((ref, opt_ref, None), (model, opt, reg)):
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step(arg) if arg is not None else o.step()
+    assert opt.reg_params is reg
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_step_with_closure_returns_loss_and_steps():
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref)
+    x, y = batches(1)[0]
+    opt_ref = LocalSgd(ref.named_parameters(), reg_params=reg, reg_lambda=0.5, lr=0.1)
+    nn.functional.cross_entropy(ref(x), y).backward()
+    opt_ref.step()
+    opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=0.5, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ours(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.item() > 0
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_round_trip_continues_identically():
+    hp = dict(lr=0.05, momentum=0.9)
+    a, b = make_mlp(), make_mlp()
+    reg = random_reg_params(a)
+    opt_a = LocalSgd(a.named_parameters(), reg_params=reg, reg_lambda=0.3, **hp)
+    data = batches(6)
+    for x, y in data[:3]:
+        opt_a.zero_grad()
+        nn.functional.cross_entropy(a(x), y).backward()
+        opt_a.step()
+    b.load_state_dict(a.state_dict())
+    sd = copy.deepcopy(opt_a.state_dict())
+    assert sd["param_groups"][0]["reg_lambda"] == 0.3
+    opt_b = LocalSgd(b.named_parameters(), reg_params=reg, reg_lambda=0.0, lr=1.0)
+    opt_b.load_state_dict(sd)
+    assert opt_b.param_groups[0]["reg_lambda"] == 0.3 and opt_b.param_groups[0]["lr"] == 0.05
+    for x, y in data[3:]:
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_lr_scheduler_drives_the_learning_rate():
+    model = make_mlp()
+    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    lrs = []
+    for x, y in batches(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_penalty_value():
+    model = make_mlp()
+    reg = random_reg_params(model, skip=("2.bias",))
+    opt = LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=0.25)
+    expected = autograd_penalty(model, reg, 0.25)
+    assert opt.penalty().item() == pytest.approx(expected.item(), rel=1e-6)
+    assert not opt.penalty().requires_grad
+    assert LocalSgd(model.named_parameters()).penalty().item() == 0.0
+
+
+def test_frozen_penalty_anchor_pulls_back_with_zero_task_gradient():
+    model = make_mlp()
+    reg = random_reg_params(model)
+    opt = LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=0.5, lr=0.1)
+    before = opt.penalty().item()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.penalty().item() < before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1), "Invalid learning rate: -1"),
+    (dict(momentum=-0.5), "Invalid momentum value: -0.5"),
+    (dict(weight_decay=-1), "Invalid weight_decay value: -1"),
+    (dict(reg_lambda=-0.1), "Invalid reg_lambda value: -0.1"),
+    (dict(reg_lambda=float("nan")), "Invalid reg_lambda value: nan"),
+    (dict(nesterov=True), "Nesterov momentum requires a momentum"),
+])
+def test_invalid_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LocalSgd(make_mlp().named_parameters(), **kwargs)
+
+
+def test_unnamed_parameters_are_refused():
+    with pytest.raises(ValueError, match="named_parameters"):
+        LocalSgd(make_mlp().parameters())
+
+
+def test_reg_params_that_match_no_parameter_are_refused():
+    model = make_mlp()
+    reg = {"backbone." + n: e for n, e in random_reg_params(model).items()}
+    with pytest.raises(ValueError, match="no name in reg_params matches"):
+        LocalSgd(model.named_parameters(), reg_params=reg)
+
+
+def test_reg_params_of_wrong_shape_are_refused():
+    model = make_mlp()
+    reg = random_reg_params(model)
+    reg["0.weight"]["omega"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"reg_params\['0.weight'\]\['omega'\]"):
+        LocalSgd(model.named_parameters(), reg_params=reg)
+
+
+def test_param_groups_of_named_parameters():
+    model = make_mlp()
+    groups = [{"params": list(model[0].named_parameters(prefix="0")), "lr": 0.1},
+              {"params": list(model[2].named_parameters(prefix="2")), "lr": 0.01,
+               "reg_lambda": 0.0}]
+    opt = LocalSgd(groups, reg_params=random_reg_params(model), reg_lambda=0.5)
+    assert [g["reg_lambda"] for g in opt.param_groups] == [0.5, 0.0]
+    with pytest.raises(ValueError, match="Invalid reg_lambda value: -1"):
+        LocalSgd([{"params": list(model.named_parameters()), "reg_lambda": -1}])
+
+
+def test_sparse_gradients_are_refused():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = LocalSgd(emb.named_parameters(), reg_params=mas_optim.init_reg_params(emb))
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_zero_omega_equals_plain_sgd_bitwise():
+    """Ω = 0 is how every first task starts: it must not perturb the SGD result."""
+    for hp in (dict(lr=0.05, momentum=0.9), dict(lr=0.05)):
+        ref, ours = make_mlp(), make_mlp()
+        opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+        opt = LocalSgd(ours.named_parameters(), reg_params=mas_optim.init_reg_params(ours),
+                       reg_lambda=1.0, **hp)
+        for x, y in batches(4):
+            for m, o in ((ref, opt_ref), (ours, opt)):
+                o.zero_grad()
+                nn.functional.cross_entropy(m(x), y).backward()
+                o.step()
+        for a, b in zip(ref.parameters(), ours.parameters()):
+            assert (a - b).abs().max().item() <= 1e-6
