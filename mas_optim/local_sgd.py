@@ -21,8 +21,8 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from .reg_params import RegParams
 
-# Regularised parameters are updated in slices of this many elements, so that every pass of the
-# update after the first one reads the slice from cache instead of memory (see _mas_sgd_).
+# On the CPU, large regularised parameters are updated in slices of this many elements, so that
+# every pass of the update after the first reads θ and the momentum buffer from cache.
 _CHUNK = 1 << 18
 
 
@@ -91,7 +91,7 @@ class LocalSgd(torch.optim.SGD):
                 raise ValueError(f"Invalid reg_lambda value: {group['reg_lambda']}")
             group.setdefault("proximal", bool(proximal))
         self.track_path_integral = bool(track_path_integral)
-        self._scratch: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
+        self._penalty_cache: Dict[Tensor, tuple] = {}
         self._reg_params: RegParams = {}
         self.reg_params = reg_params if reg_params is not None else {}
 
@@ -190,13 +190,13 @@ class LocalSgd(torch.optim.SGD):
                     self.state[p]["momentum_buffer"] = buf
 
         for p, state, entry in regularised:
-            scratch = self._scratch_for(p)
             if proximal:
-                _proximal_(p, entry["omega"], entry["init_val"], lr * coef, scratch)
+                _proximal_(p, entry["omega"], entry["init_val"], lr * coef)
                 continue
+            slope, offset = self._linear_penalty(p, entry, coef)
             buf = _mas_sgd_(
-                p, p.grad, state.get("momentum_buffer"), entry["omega"], entry["init_val"],
-                scratch, coef=coef, lr=lr, momentum=momentum, dampening=group["dampening"],
+                p, p.grad, state.get("momentum_buffer"), slope, offset, lr=lr,
+                momentum=momentum, dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 maximize=group["maximize"])
             if buf is not None:
@@ -207,14 +207,20 @@ class LocalSgd(torch.optim.SGD):
                 if p.grad is not None:
                     _after_path_step(self.state[p], p)
 
-    def _scratch_for(self, p: Tensor) -> Optional[Tensor]:
-        # One cache-sized scratch slice per (device, dtype), reused by every step on the CPU.
-        if p.device.type != "cpu":
-            return None
-        key = (p.device, p.dtype)
-        if key not in self._scratch:
-            self._scratch[key] = torch.empty(_CHUNK, dtype=p.dtype, device=p.device)
-        return self._scratch[key]
+    def _linear_penalty(self, p: Tensor, entry: Mapping[str, Tensor],
+                        coef: float) -> Tuple[Tensor, Tensor]:
+        """(2λΩ, 2λΩθ*), so that the penalty gradient 2λΩ(θ − θ*) = slope·θ − offset costs one
+        fused multiply-add in the hot loop. Recomputed only when Ω, θ* or λ change (in-place
+        changes bump a tensor's version counter)."""
+        omega, anchor = entry["omega"], entry["init_val"]
+        key = (coef, omega._version, anchor._version)
+        cached = self._penalty_cache.get(p)
+        # Holding omega and anchor in the entry keeps their ids from being reused by new tensors.
+        if cached is None or cached[0] != key or cached[3] is not omega or cached[4] is not anchor:
+            slope = omega.mul(coef)
+            cached = (key, slope, slope.mul(anchor), omega, anchor)
+            self._penalty_cache[p] = cached
+        return cached[1], cached[2]
 
     # ------------------------------------------------------------------ logging and SI
 
@@ -277,37 +283,32 @@ def _slices(*tensors: Tensor) -> Iterator[Tuple[Tensor, ...]]:
     yield from zip(*(t.view(-1).split(_CHUNK) for t in tensors))
 
 
-def _diff(p: Tensor, anchor: Tensor, scratch: Optional[Tensor]) -> Tensor:
-    """θ − θ*, written into the scratch slice when there is one."""
-    if scratch is None or p.numel() > scratch.numel() or not p.is_contiguous():
-        return torch.sub(p, anchor)
-    return torch.sub(p, anchor, out=scratch[: p.numel()].view_as(p))
-
-
 def _mas_sgd_(
-    p: Tensor, grad: Tensor, buf: Optional[Tensor], omega: Tensor, anchor: Tensor,
-    scratch: Optional[Tensor], *, coef: float, lr: float, momentum: float, dampening: float,
-    weight_decay: float, nesterov: bool, maximize: bool,
+    p: Tensor, grad: Tensor, buf: Optional[Tensor], slope: Tensor, offset: Tensor, *,
+    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+    maximize: bool,
 ) -> Optional[Tensor]:
-    """One SGD step on θ with d = ±g + wd·θ + coef·Ω(θ − θ*); returns the momentum buffer.
+    """One SGD step on θ with d = ±g + wd·θ + (slope·θ − offset); returns the momentum buffer.
 
-    The work is done slice by slice so that θ, the buffer and the temporary stay in cache
-    between the passes: it reads each of g, Ω, θ*, θ and the buffer from memory about once.
+    slope·θ − offset = 2λΩ(θ − θ*), the gradient of Eq. 3's penalty. Large tensors are done
+    slice by slice, so that θ and the buffer stay in cache between the passes.
     """
+    if momentum != 0 and buf is None and dampening == 0:
+        buf = torch.zeros_like(p, memory_format=torch.contiguous_format)  # then b_1 = d_1
+    if (momentum != 0 and dampening == 0 and weight_decay == 0 and not nesterov
+            and not maximize):  # the common case: 4 passes, no temporary
+        for p_, g_, s_, o_, b_ in _slices(p, grad, slope, offset, buf):
+            torch.add(g_, b_, alpha=momentum, out=b_)      # b = μb + g
+            b_.addcmul_(s_, p_).sub_(o_)                   #   + 2λΩ(θ − θ*)   (Eq. 3)
+            p_.add_(b_, alpha=-lr)
+        return buf
+
     new_buf = buf
     if momentum != 0 and buf is None:
         new_buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-    common = (momentum != 0 and buf is not None and dampening == 0 and weight_decay == 0
-              and not nesterov and not maximize)
-    for p_, g_, o_, a_, b_ in _slices(p, grad, omega, anchor,
+    for p_, g_, s_, o_, b_ in _slices(p, grad, slope, offset,
                                       new_buf if new_buf is not None else p):
-        d = _diff(p_, a_, scratch)                         # θ − θ*
-        if common:                                         # the hot path, 4 passes per slice
-            torch.add(g_, b_, alpha=momentum, out=b_)      # b = μb + g
-            b_.addcmul_(o_, d, value=coef)                 #   + 2λΩ(θ − θ*)   (Eq. 3)
-            p_.add_(b_, alpha=-lr)
-            continue
-        d.mul_(o_).mul_(coef)                              # 2λΩ(θ − θ*)       (Eq. 3)
+        d = torch.mul(s_, p_).sub_(o_)                     # 2λΩ(θ − θ*)       (Eq. 3)
         d.add_(g_, alpha=-1.0 if maximize else 1.0)
         if weight_decay != 0:
             d.add_(p_, alpha=weight_decay)
@@ -324,11 +325,10 @@ def _mas_sgd_(
     return new_buf
 
 
-def _proximal_(p: Tensor, omega: Tensor, anchor: Tensor, lr_coef: float,
-               scratch: Optional[Tensor]) -> None:
+def _proximal_(p: Tensor, omega: Tensor, anchor: Tensor, lr_coef: float) -> None:
     """θ ← θ* + (θ − θ*) / (1 + lr_coef·Ω): the proximal map of (lr_coef/2)·ΣΩ(θ − θ*)²."""
     for p_, o_, a_ in _slices(p, omega, anchor):
-        d = _diff(p_, a_, scratch)
+        d = torch.sub(p_, a_)
         d.div_(torch.mul(o_, lr_coef).add_(1.0))
         torch.add(a_, d, out=p_)
 

@@ -273,3 +273,33 @@ def test_zero_omega_equals_plain_sgd_bitwise():
                 o.step()
         for a, b in zip(ref.parameters(), ours.parameters()):
             assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_changes_to_reg_params_and_lambda_are_seen_by_the_next_step():
+    """LocalSgd caches 2λΩ and 2λΩθ*: an in-place consolidation, a new reg_params dict and a
+    new λ must all reach the next step."""
+    hp = dict(lr=0.05, momentum=0.9)
+    ref, ours = make_mlp(), make_mlp()
+    reg_ref = random_reg_params(ref)
+    reg = copy.deepcopy(reg_ref)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=0.5, **hp)
+    lam = 0.5
+    for i, (x, y) in enumerate(batches(6)):
+        if i == 2:  # in place, as consolidate_reg_params does
+            omega = {n: torch.rand_like(p) for n, p in ours.named_parameters()}
+            mas_optim.consolidate_reg_params(reg, ours, omega)
+            mas_optim.consolidate_reg_params(reg_ref, ref, omega)
+        if i == 3:  # a whole new dict
+            reg_ref = random_reg_params(ref, seed=9)
+            opt.reg_params = copy.deepcopy(reg_ref)
+        if i == 4:
+            lam = opt.param_groups[0]["reg_lambda"] = 2.0
+        opt_ref.zero_grad()
+        (nn.functional.cross_entropy(ref(x), y) + autograd_penalty(ref, reg_ref, lam)).backward()
+        opt_ref.step()
+        opt.zero_grad()
+        nn.functional.cross_entropy(ours(x), y).backward()
+        opt.step()
+        for a, b in zip(ref.parameters(), ours.parameters()):
+            assert (a - b).abs().max().item() <= 1e-5, i
