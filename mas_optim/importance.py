@@ -48,7 +48,15 @@ def compute_omega(
         per_sample: ``True`` (default): paper Eq. 2, (1/N) Σ_k |∂‖F(x_k)‖²/∂θ|.
             ``False``: the original code's batch formula, (1/N) Σ_batches |∂ Σ_{k∈b}‖F(x_k)‖²/∂θ|
             (cheaper on models without a fast path, and not the same number).
-        method: ``"global"`` (default, Eq. 2 on the network's output).
+        method: ``"global"`` (default): Eq. 2 on the network's output F.
+            ``"local"``: local MAS (l-MAS, paper Sec. 4), Eq. 2 applied to each ``nn.Linear`` and
+            ``nn.Conv2d`` layer's own function F_l(a) = W a + b instead of F. Its gradient,
+            ∂‖F_l(a)‖²/∂W_ij = 2 z_i a_j, is the product of the two activities the connection
+            joins (input a_j, output z_i), the Hebbian form, so only forward passes are needed:
+            Ω_ij = (2/N) Σ_k |z_i(x_k)| |a_j(x_k)|. Where a weight is used at many positions
+            (convolutions, sequences) the co-activations at every position are summed, each
+            in magnitude. Biases get (2/N) Σ_k |z_i(x_k)|. Parameters of other modules
+            (BatchNorm, ...) get their global Ω. ``per_sample`` is ignored.
 
     Returns:
         ``{name: Ω}`` for every parameter with ``requires_grad``, on that parameter's device.
@@ -57,22 +65,24 @@ def compute_omega(
     When ``torch.distributed`` is initialised, every rank passes its own shard of the data and the
     per-rank sums and sample counts are all-reduced: each rank returns Ω over all the data.
     """
-    if method != "global":
-        raise ValueError(f"Invalid method: {method!r} (expected 'global')")
+    if method not in ("global", "local"):
+        raise ValueError(f"Invalid method: {method!r} (expected 'global' or 'local')")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("compute_omega: the model has no trainable parameters")
     device = next(iter(params.values())).device
     sums = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
-    engine = _PerSampleEngine(model, params) if per_sample else None
+    if method == "local":
+        engine = _LocalEngine(model, params)
+    elif per_sample:
+        engine = _PerSampleEngine(model, params)
+    else:
+        engine = _BatchFormula(model, params)
     count = 0
     with _eval_mode(model):
         for batch in loader:
             x = _inputs(batch).to(device).detach()
-            if engine is not None:
-                engine.accumulate(x, sums)
-            else:
-                _accumulate_batch_formula(model, x, params, sums)
+            engine.accumulate(x, sums)
             count += x.shape[0]
     count = _all_reduce(sums, count, device)
     if count == 0:
@@ -113,15 +123,20 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _accumulate_batch_formula(model: nn.Module, x: Tensor, params: Dict[str, Tensor],
-                              sums: Dict[str, Tensor]) -> None:
-    names = list(params)
-    with torch.enable_grad():
-        grads = torch.autograd.grad(_squared_output_norm(model, x), [params[n] for n in names],
-                                    allow_unused=True)
-    for n, g in zip(names, grads):
-        if g is not None:
-            sums[n].add_(g.abs())
+class _BatchFormula:
+    """The original code's Ω: |gradient of the whole batch's Σ‖F(x_k)‖²|, summed over batches."""
+
+    def __init__(self, model: nn.Module, params: Dict[str, Tensor]) -> None:
+        self.model, self.names = model, list(params)
+        self.targets = list(params.values())
+
+    def accumulate(self, x: Tensor, sums: Dict[str, Tensor]) -> None:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(_squared_output_norm(self.model, x), self.targets,
+                                        allow_unused=True)
+        for n, g in zip(self.names, grads):
+            if g is not None:
+                sums[n].add_(g.abs())
 
 
 def _all_reduce(sums: Dict[str, Tensor], count: int, device: torch.device) -> int:
@@ -168,7 +183,8 @@ class _PerSampleEngine:
         return [n for n in self.params if n not in covered]
 
     def accumulate(self, x: Tensor, sums: Dict[str, Tensor]) -> None:
-        while True:
+        captured: Dict[nn.Module, List] = {}
+        while self.fast:
             captured = self._batched_pass(x)
             if captured is not None:
                 break  # else a module ran other than once per sample: it was demoted, redo
@@ -180,7 +196,7 @@ class _PerSampleEngine:
             self._per_sample_loop(x, fallback, sums)
 
     def _batched_pass(self, x: Tensor) -> Optional[Dict[nn.Module, List]]:
-        captured: Dict[nn.Module, List] = {}
+        captured = {}
         calls: Dict[nn.Module, int] = {}
 
         def hook(m: nn.Module, inputs: Tuple, out: Tensor) -> None:
@@ -281,3 +297,65 @@ def _sum_abs_per_sample(per_sample_grad, n: int, numel: int, acc: Tensor) -> Non
 
 
 _FAST_RULES = {nn.Linear: _linear_rule, nn.Conv2d: _conv2d_rule}
+
+
+# ---------------------------------------------------------------------------- local MAS
+
+class _LocalEngine:
+    """l-MAS (paper Sec. 4): Hebbian importance from one forward pass, no backward."""
+
+    def __init__(self, model: nn.Module, params: Dict[str, Tensor]) -> None:
+        self.model = model
+        name_of = {id(p): n for n, p in params.items()}
+        self.layers: Dict[nn.Module, Dict[str, str]] = {}
+        for m in model.modules():
+            if _has_fast_rule(m):
+                own = {k: name_of[id(p)] for k, p in m.named_parameters(recurse=False)
+                       if id(p) in name_of}
+                if own:
+                    self.layers[m] = own
+        covered = {n for own in self.layers.values() for n in own.values()}
+        rest = {n: p for n, p in params.items() if n not in covered}
+        self.rest = _PerSampleEngine(model, rest) if rest else None
+
+    def accumulate(self, x: Tensor, sums: Dict[str, Tensor]) -> None:
+        def hook(m: nn.Module, inputs: Tuple, out: Tensor) -> None:
+            _HEBBIAN_RULES[type(m)](m, inputs[0].detach(), out.detach(), self.layers[m], sums)
+
+        handles = [m.register_forward_hook(hook) for m in self.layers]
+        try:
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if self.rest is not None:
+            self.rest.accumulate(x, sums)
+
+
+def _hebbian_linear(m: nn.Linear, a: Tensor, z: Tensor, own: Dict[str, str],
+                    sums: Dict[str, Tensor]) -> None:
+    a = a.reshape(-1, a.shape[-1]).abs()       # every position of every sample: (M, in)
+    z = z.reshape(-1, z.shape[-1]).abs()       # (M, out)
+    if "weight" in own:
+        sums[own["weight"]].add_(z.t().mm(a).mul_(2).to(sums[own["weight"]]))   # 2|Z|ᵀ|A|
+    if "bias" in own:
+        sums[own["bias"]].add_(z.sum(0).mul_(2).to(sums[own["bias"]]))
+
+
+def _hebbian_conv2d(m: nn.Conv2d, a: Tensor, z: Tensor, own: Dict[str, str],
+                    sums: Dict[str, Tensor]) -> None:
+    B, G = a.shape[0], m.groups
+    if "weight" in own:
+        u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        L = u.shape[-1]
+        # (G, B·L, Cin/G·kh·kw) and (G, Cout/G, B·L): one batched matmul over the groups
+        u = u.abs().reshape(B, G, -1, L).permute(1, 0, 3, 2).reshape(G, B * L, -1)
+        zz = z.abs().reshape(B, G, -1, L).permute(1, 2, 0, 3).reshape(G, -1, B * L)
+        acc = sums[own["weight"]]
+        acc.view(G, -1, acc[0].numel()).add_(zz.bmm(u).mul_(2).to(acc))
+    if "bias" in own:
+        sums[own["bias"]].add_(z.abs().sum((0, 2, 3)).mul_(2).to(sums[own["bias"]]))
+
+
+_HEBBIAN_RULES = {nn.Linear: _hebbian_linear, nn.Conv2d: _hebbian_conv2d}

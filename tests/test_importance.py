@@ -219,3 +219,77 @@ def test_omega_feeds_consolidation_and_penalty():
     mas_optim.consolidate_reg_params(reg, model, omega)
     for n in reg:
         assert torch.equal(reg[n]["omega"], omega[n])
+
+
+# ---------------------------------------------------------------- local (Hebbian) MAS
+
+def hebbian_reference(model, xs):
+    """l-MAS by hand: for every Linear/Conv2d, Ω_ij = (2/N) Σ_k Σ_positions |z_i| |a_j|, with a the
+    layer's input and z its output, looping over samples and output positions."""
+    acts = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.setdefault(m, []).append((i[0], o.clone())))
+             for m in model.modules()
+             if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d)
+                                             and not isinstance(m.padding, str))]
+    model.eval()
+    with torch.no_grad():
+        for x in xs:
+            model(x[None])
+    for h in hooks:
+        h.remove()
+    names = {id(p): n for n, p in model.named_parameters()}
+    ref = {}
+    for m, records in acts.items():
+        w = torch.zeros_like(m.weight, dtype=torch.float64)
+        b = torch.zeros(m.weight.shape[0], dtype=torch.float64)
+        for a, z in records:
+            a, z = a[0].double().abs(), z[0].double().abs()
+            if isinstance(m, nn.Linear):
+                w += 2 * torch.outer(z, a)
+                b += 2 * z
+                continue
+            (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+            a = nn.functional.pad(a, (pw, pw, ph, ph))
+            cin_g, cout_g = a.shape[0] // m.groups, z.shape[0] // m.groups
+            for o in range(z.shape[0]):
+                g = o // cout_g
+                for y in range(z.shape[1]):
+                    for xx in range(z.shape[2]):
+                        patch = a[g * cin_g:(g + 1) * cin_g,
+                                  y * sh:y * sh + dh * (kh - 1) + 1:dh,
+                                  xx * sw:xx * sw + dw * (kw - 1) + 1:dw]
+                        w[o] += 2 * z[o, y, xx] * patch
+                        b[o] += 2 * z[o, y, xx]
+        ref[names[id(m.weight)]] = (w / len(xs)).float()
+        if m.bias is not None:
+            ref[names[id(m.bias)]] = (b / len(xs)).float()
+    return ref
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+def test_local_mas_matches_hand_written_hebbian_rule(case):
+    make, shape = CASES[case]
+    torch.manual_seed(8)
+    model = make()
+    xs = torch.randn(9, *shape)
+    assert_close(compute_omega(model, loader(xs, 4), method="local"), hebbian_reference(model, xs))
+
+
+def test_local_mas_of_a_linear_layer_is_eq_2_on_the_layer_itself():
+    """For one Linear layer F_l, l-MAS is exactly Eq. 2 with F = F_l: per-sample autograd."""
+    torch.manual_seed(9)
+    layer = nn.Linear(6, 4)
+    xs = torch.randn(10, 6)
+    assert_close(compute_omega(layer, loader(xs, 3), method="local"), reference_omega(layer, xs))
+
+
+def test_local_mas_gives_other_parameters_their_global_omega():
+    torch.manual_seed(10)
+    model = cnn_bn()
+    xs = torch.randn(7, 3, 6, 6)
+    warm_up_batchnorm(model, xs)
+    got = compute_omega(model, loader(xs, 4), method="local")
+    want = reference_omega(model, xs)
+    bn = {n: got[n] for n in ("1.weight", "1.bias", "7.weight", "7.bias", "4.weight", "4.bias")}
+    assert_close(bn, {n: want[n] for n in bn})  # BatchNorm, and the padding="same" conv
+    assert_close({"0.weight": got["0.weight"]}, {"0.weight": hebbian_reference(model, xs)["0.weight"]})
