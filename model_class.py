@@ -16,6 +16,7 @@ from utils import AppError
 
 ARCHS = ("mlp", "cnn", "alexnet")
 ALEXNET_MIN_SIZE = 63  # smallest input for which AlexNet's feature maps stay non-empty
+ALEXNET_WIDTH = 4096  # AlexNet's classifier width (what --pretrained weights need)
 
 
 class TaskModel(nn.Module):
@@ -29,20 +30,35 @@ class TaskModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.shared(x))
 
+    def part_state(self, part: str) -> dict[str, torch.Tensor]:
+        """The tensors of ``part`` ("shared" or "head") under their full names (``shared.*``,
+        ``head.*``): the names reg_params and the saved files use."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(part + ".")}
+
+    def load_part(self, part: str, state: dict[str, torch.Tensor]) -> None:
+        """Load a ``part_state`` dict (strict: every tensor of the part, nothing else)."""
+        getattr(self, part).load_state_dict({k.removeprefix(part + "."): v
+                                             for k, v in state.items()})
+
 
 class AlexNetShared(nn.Module):
     """AlexNet without its last layer: ``features``, ``avgpool`` and ``classifier[:-1]``, with
-    torchvision's parameter names so that torchvision's ImageNet weights load as they are."""
+    torchvision's parameter names so that torchvision's ImageNet weights load as they are.
 
-    def __init__(self) -> None:
+    ``width`` is the classifier's hidden width (4096 in AlexNet); tests shrink it to keep the
+    AlexNet code path fast (57M parameters make every checkpoint ~650 MB)."""
+
+    def __init__(self, width: int = 4096) -> None:
         super().__init__()
         from torchvision.models import alexnet
 
         full = alexnet(weights=None)  # never weights=...: that would download
         self.features = full.features
         self.avgpool = full.avgpool
-        self.classifier = full.classifier[:-1]
-        self.out_features = full.classifier[-1].in_features
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5), nn.Linear(256 * 6 * 6, width), nn.ReLU(inplace=True),
+            nn.Dropout(0.5), nn.Linear(width, width), nn.ReLU(inplace=True))
+        self.out_features = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -92,7 +108,7 @@ def build_shared(arch: str, input_shape: tuple[int, ...], hidden: int,
     if len(input_shape) != 3 or input_shape[0] != 3 or min(input_shape[1:]) < ALEXNET_MIN_SIZE:
         raise AppError(f"--arch alexnet needs RGB images of at least {ALEXNET_MIN_SIZE} pixels "
                        f"(got input shape {tuple(input_shape)}); use --data_dir and --image_size")
-    shared = AlexNetShared()
+    shared = AlexNetShared(ALEXNET_WIDTH)
     if pretrained:
         load_pretrained_alexnet(shared, pretrained)
     return shared, shared.out_features

@@ -35,11 +35,11 @@ MOMENTUM = 0.9
 # tuned by running fine-tuning (--reg_lambda 0) against MAS; see docs/train.md for the numbers.
 # "folders" keeps the original repository's defaults (batch 8, 10 epochs, lr 1e-3, lambda 0.01).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "split-digits": dict(num_epochs=20, batch_size=16, init_lr=0.05, reg_lambda=1.0,
+    "split-digits": dict(num_epochs=20, batch_size=16, init_lr=0.05, reg_lambda=0.1,
                          hidden=64, arch="mlp"),
-    "permuted-digits": dict(num_epochs=20, batch_size=16, init_lr=0.05, reg_lambda=1.0,
-                            hidden=64, arch="mlp"),
-    "split-mnist": dict(num_epochs=2, batch_size=64, init_lr=0.05, reg_lambda=1.0,
+    "permuted-digits": dict(num_epochs=10, batch_size=16, init_lr=0.05, reg_lambda=0.1,
+                            hidden=128, arch="mlp"),
+    "split-mnist": dict(num_epochs=2, batch_size=64, init_lr=0.05, reg_lambda=0.1,
                         hidden=256, arch="mlp"),
     "folders": dict(num_epochs=10, batch_size=8, init_lr=0.001, reg_lambda=0.01, hidden=256,
                     arch="alexnet"),
@@ -270,7 +270,7 @@ class Trainer:
         return {
             "version": CHECKPOINT_VERSION, "config": self.config,
             "tasks": [t.name for t in self.tasks], "classes": [t.classes for t in self.tasks],
-            "task": 0, "epoch": 0, "shared": _cpu(_shared_state(model)),
+            "task": 0, "epoch": 0, "shared": _cpu(model.part_state("shared")),
             "head": None, "heads": [], "optimizer": None, "scheduler": None,
             "reg_params": {n: _cpu(d) for n, d in reg_params.items()}, "acc_matrix": [],
             "rng": _rng_state(self.device),
@@ -289,10 +289,9 @@ class Trainer:
         resumed run draws the same dropout/augmentation numbers as an uninterrupted one."""
         with torch.random.fork_rng(devices=[]):
             model = self._model(task, pretrained=None)
-        model.shared.load_state_dict({k.removeprefix("shared."): v
-                                      for k, v in state["shared"].items()})
+        model.load_part("shared", state["shared"])
         if state["head"] is not None:
-            model.head.load_state_dict(state["head"])
+            model.load_part("head", state["head"])
         freeze_first_layers(model, self.config["num_freeze_layers"])
         return model.to(self.device)
 
@@ -333,8 +332,8 @@ class Trainer:
             loss, penalty = self.train_epoch(model, optimizer, task, t, epoch, label)
             scheduler.step()
             self._check_finite(model, t, epoch, "a parameter")
-            state = {**state, "epoch": epoch + 1, "shared": _cpu(_shared_state(model)),
-                     "head": _cpu(model.head.state_dict()), "optimizer": optimizer.state_dict(),
+            state = {**state, "epoch": epoch + 1, "shared": _cpu(model.part_state("shared")),
+                     "head": _cpu(model.part_state("head")), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": _rng_state(self.device)}
             self.run_dir.save_checkpoint(state)
             self.hook("after-epoch")
@@ -377,7 +376,7 @@ class Trainer:
         for j in range(t + 1):
             if j < t:
                 model.head = new_head(own_head.in_features, len(self.tasks[j].classes), 0)
-                model.head.load_state_dict(state["heads"][j])
+                model.load_part("head", state["heads"][j])
                 model.head.to(self.device)
             else:
                 model.head = own_head
@@ -389,8 +388,8 @@ class Trainer:
             raise self._diverged(t, cfg["num_epochs"] - 1, "the importance Omega is not finite")
         reg_params = mas_optim.consolidate_reg_params(reg_params, model, omega,
                                                       accumulate=cfg["accumulate"])
-        state = {**state, "task": t + 1, "epoch": 0, "shared": _cpu(_shared_state(model)),
-                 "head": None, "heads": state["heads"] + [_cpu(model.head.state_dict())],
+        state = {**state, "task": t + 1, "epoch": 0, "shared": _cpu(model.part_state("shared")),
+                 "head": None, "heads": state["heads"] + [_cpu(model.part_state("head"))],
                  "optimizer": None, "scheduler": None,
                  "reg_params": {n: _cpu(d) for n, d in reg_params.items()},
                  "acc_matrix": state["acc_matrix"] + [row], "rng": _rng_state(self.device)}
@@ -443,11 +442,6 @@ class Trainer:
             self.run_dir.write(PLOT, plot(doc))
 
 
-def _shared_state(model: TaskModel) -> dict[str, torch.Tensor]:
-    """The shared backbone's tensors under their reg_params names (``shared.*``)."""
-    return {k: v for k, v in model.state_dict().items() if k.startswith("shared.")}
-
-
 # --- entry point -------------------------------------------------------------------------------
 def _device(use_gpu: bool) -> torch.device:
     if not use_gpu:
@@ -468,6 +462,7 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
             raise AppError(f"--resume: nothing to resume in {run_dir.root} (no {CHECKPOINT})")
         config = resume_config(state["config"], given, run_dir.root)
         run_dir.check_saved_files(state)
+        run_dir.remove_stale_temp_files()
     else:
         config = resolve_config(args)
         run_dir.prepare(create=True)

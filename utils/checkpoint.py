@@ -116,6 +116,16 @@ class RunDir:
         except OSError as exc:
             raise AppError(f"--output_dir {self.root}: cannot create it ({exc.strerror})") from None
 
+    def remove_stale_temp_files(self) -> None:
+        """Delete temp files of writes that a crash interrupted before their rename
+        (``atomic_write`` names them ``.<name>.<random>.tmp`` beside the target)."""
+        names = (CHECKPOINT, SHARED, REG_PARAMS, RESULTS, PLOT, "head.pth", "classes.txt",
+                 "performance.txt")
+        for folder in [self.root, *self.root.glob("Task_*")]:
+            for name in names:
+                for tmp in folder.glob(f".{name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
     def clear(self) -> None:
         """Remove a previous run's files (only the names this program writes), checkpoint
         first: a run interrupted while clearing is no longer resumable, never half-old."""

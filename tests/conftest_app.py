@@ -1,0 +1,83 @@
+"""Shared helpers for the application tests (train.py, utils/, model_class.py).
+
+Imported explicitly by the test modules (``from conftest_app import ...``); it also puts the
+repository root on ``sys.path`` so ``import train`` works however pytest is started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402  (needs ROOT on sys.path)
+
+# Small but complete Split Digits run: 5 tasks, 2 epochs, a narrow MLP.
+FAST = ["--num_epochs", "2", "--hidden", "16"]
+
+
+def run_main(args: list[str], out: Path) -> int:
+    """``train.main`` in this process (fast: no interpreter start, no torch import)."""
+    return train.main([*args, "--output_dir", str(out)])
+
+
+def run_cli(args: list[str], out: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python train.py ...`` in a subprocess (for exit codes, stderr, SIGKILL)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "MAS_OPTIM_KILL_AT"}
+    full_env.update(env or {})
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    if out is not None:
+        cmd += ["--output_dir", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=ROOT)
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (to prove that nothing changed)."""
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def make_image_tasks(root: Path, n_tasks: int = 2, classes: tuple[str, ...] = ("a", "b"),
+                     per_class: int = 3, size: int = 12) -> Path:
+    """``root/task_k/{train,test}/<class>/<i>.png`` with class-dependent colours."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for t in range(n_tasks):
+        for split in ("train", "test"):
+            for c, name in enumerate(classes):
+                folder = root / f"task_{t}" / split / name
+                folder.mkdir(parents=True)
+                for i in range(per_class):
+                    pixels = rng.integers(0, 60, (size, size, 3)) + 150 * ((c + t) % 2)
+                    Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def write_mnist(root: Path, n_train: int = 60, n_test: int = 20) -> Path:
+    """Tiny fake MNIST idx files in ``root/MNIST/raw/`` (the layout torchvision reads)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
