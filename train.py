@@ -486,7 +486,10 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and run; input and file problems -> one line on stderr, exit code 2."""
-    args, given = parse_flags(sys.argv[1:] if argv is None else list(argv))
+    try:
+        args, given = parse_flags(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as stop:  # argparse: --help (0) or a bad flag (2, its line printed)
+        return int(stop.code or 0)
     try:
         return run(args, given)
     except AppError as exc:

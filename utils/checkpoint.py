@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +81,31 @@ def to_bytes(obj: Any) -> bytes:
 def load_tensors(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True`` onto the CPU; any failure -> one-line AppError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, garbage, a pickle asking for code: all "damaged"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AppError(f"{path}: damaged or not a weights file ({reason[:200]})") from None
+        if path.stat().st_size == 0:
+            raise AppError(f"{path}: empty file (damaged)")
+        with warnings.catch_warnings():  # e.g. "unusual pickle protocol": the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except AppError:
+        raise
+    except OSError as exc:
+        raise AppError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except pickle.UnpicklingError as exc:
+        # torch's message: boilerplate, then the reason, then a link; keep the reason only
+        detail = str(exc).split("trusted source.", 1)[-1].split("Check the doc")[0]
+        detail = " ".join(detail.rpartition("WeightsUnpickler error:")[2].split())
+        detail = detail or _first_sentence(exc)
+        if "GLOBAL" in detail:
+            raise AppError(f"{path}: refused: it asks for code or objects a weights file never "
+                           f"needs ({detail[:120]})") from None
+        raise AppError(f"{path}: damaged or not a weights file ({detail[:160]})") from None
+    except Exception as exc:  # truncated zip, garbage: torch raises many types
+        raise AppError(f"{path}: damaged or not a weights file ({_first_sentence(exc)})") from None
+
+
+def _first_sentence(exc: Exception) -> str:
+    text = str(exc).strip().split("\n")[0].split(". ")[0]
+    return text[:160] if text else type(exc).__name__
 
 
 def _is_tensor_dict(obj: Any) -> bool:

@@ -1,0 +1,185 @@
+"""Bad input, damaged and hostile files, divergence: one line on stderr, exit 2, nothing lost."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest_app import FAST, make_image_tasks, run_cli, run_main, snapshot
+
+
+def fails(capsys, args, out, *needles) -> str:
+    """Run in-process; assert exit 2 and ONE stderr line containing every needle."""
+    assert run_main(args, out) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert str(needle) in lines[0], lines[0]
+    return lines[0]
+
+
+# --- flags and data ----------------------------------------------------------------------------
+@pytest.mark.parametrize("args, needle", [
+    (["--init_lr", "0"], "--init_lr"),
+    (["--init_lr", "-0.1"], "--init_lr"),
+    (["--init_lr", "nan"], "--init_lr"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--num_epochs", "0"], "--num_epochs"),
+    (["--num_epochs", "-2"], "--num_epochs"),
+    (["--reg_lambda", "-1"], "--reg_lambda"),
+    (["--accumulate", "2"], "--accumulate"),
+    (["--accumulate", "mean"], "--accumulate"),
+    (["--arch", "alexnet"], "alexnet"),
+    (["--benchmark", "split-digits", "--data_dir", "x"], "--data_dir"),
+    (["--benchmark", "split-mnist"], "--mnist_root"),
+    (["--image_size", "16"], "--image_size"),
+])
+def test_bad_flags(tmp_path, capsys, args, needle):
+    fails(capsys, args, tmp_path / "out", needle)
+
+
+def test_data_dir_missing_or_empty(tmp_path, capsys):
+    fails(capsys, ["--data_dir", str(tmp_path / "nope")], tmp_path / "o", "no such folder")
+    (tmp_path / "empty").mkdir()
+    fails(capsys, ["--data_dir", str(tmp_path / "empty")], tmp_path / "o", "no task folders")
+
+
+def test_task_without_test_folder(tmp_path, capsys):
+    data = make_image_tasks(tmp_path / "d")
+    shutil.rmtree(data / "task_1" / "test")
+    fails(capsys, ["--data_dir", str(data), "--arch", "mlp", "--image_size", "8"], tmp_path / "o",
+          "task_1", "no test/")
+
+
+def test_class_folder_without_images(tmp_path, capsys):
+    data = make_image_tasks(tmp_path / "d")
+    for image in (data / "task_0" / "train" / "b").iterdir():
+        image.unlink()
+    (data / "task_0" / "train" / "b" / "notes.txt").write_text("no image here")
+    fails(capsys, ["--data_dir", str(data), "--arch", "mlp", "--image_size", "8"], tmp_path / "o",
+          os.path.join("task_0", "train", "b"), "without images")
+
+
+def test_test_class_unknown_to_train(tmp_path, capsys):
+    data = make_image_tasks(tmp_path / "d")
+    shutil.copytree(data / "task_0" / "test" / "a", data / "task_0" / "test" / "zebra")
+    fails(capsys, ["--data_dir", str(data), "--arch", "mlp", "--image_size", "8"], tmp_path / "o",
+          "zebra", "not in")
+
+
+def test_missing_mnist_says_how_to_get_it(tmp_path, capsys):
+    fails(capsys, ["--benchmark", "split-mnist", "--mnist_root", str(tmp_path)], tmp_path / "o",
+          "MNIST not found", "train-images-idx3-ubyte")
+
+
+def test_output_dir_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    fails(capsys, ["--num_epochs", "1"], target, "is a file")
+    fails(capsys, ["--resume"], target, "is a file")
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    fails(capsys, ["--resume"], tmp_path / "missing", "nothing to resume")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "shared_model.pth").write_bytes(b"someone else's")
+    fails(capsys, ["--resume"], tmp_path / "foreign", "nothing to resume")
+
+
+def test_bad_pretrained_file(tmp_path, capsys):
+    data = make_image_tasks(tmp_path / "d", size=64)
+    (tmp_path / "w.pth").write_bytes(b"garbage")
+    fails(capsys, ["--data_dir", str(data), "--image_size", "64", "--pretrained",
+                   str(tmp_path / "w.pth")], tmp_path / "o", "w.pth", "damaged")
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    done = run_cli(["--data_dir", str(tmp_path / "nope")], tmp_path / "o")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    done = run_cli(["--init_lr", "0"], tmp_path / "o")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+
+
+# --- damaged and hostile state files -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run killed right after task 2 was committed (so a resume would write files)."""
+    out = tmp_path_factory.mktemp("stopped") / "m"
+    done = run_cli(FAST, out, env={"MAS_OPTIM_KILL_AT": "after-task:2"})
+    assert done.returncode == -9, done.stderr
+    return out
+
+
+DAMAGE = {
+    "empty": lambda data: b"",
+    "truncated": lambda data: data[: len(data) // 2],
+    "garbage": lambda data: os.urandom(64),
+}
+
+
+@pytest.mark.parametrize("target", ["checkpoint.pth", "shared_model.pth", "reg_params.pickle",
+                                    "Task_1/head.pth"])
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_file_on_resume(stopped_run, tmp_path, capsys, target, kind):
+    out = tmp_path / "m"
+    shutil.copytree(stopped_run, out)
+    path = out / target
+    path.write_bytes(DAMAGE[kind](path.read_bytes()))
+    before = snapshot(out)
+    line = fails(capsys, [*FAST, "--resume"], out, str(path))
+    assert "Traceback" not in line
+    assert snapshot(out) == before  # nothing overwritten by the failed attempt
+
+
+def _hostile(marker):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    return Evil()
+
+
+@pytest.mark.parametrize("target", ["checkpoint.pth", "shared_model.pth", "Task_1/head.pth",
+                                    "reg_params.pickle"])
+def test_hostile_file_is_refused_without_running_code(stopped_run, tmp_path, capsys, target):
+    out = tmp_path / "m"
+    shutil.copytree(stopped_run, out)
+    marker = tmp_path / "pwned"
+    torch.save({"weights": _hostile(marker)}, out / target)
+    fails(capsys, [*FAST, "--resume"], out, target.split("/")[-1])
+    assert not marker.exists()
+
+
+def test_non_finite_values_in_checkpoint_are_refused(stopped_run, tmp_path, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(stopped_run, out)
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    name = next(iter(state["reg_params"]))
+    state["reg_params"][name]["omega"][0] = math.inf
+    torch.save(state, out / "checkpoint.pth")
+    fails(capsys, [*FAST, "--resume"], out, "checkpoint.pth", "NaN or Inf")
+
+
+def test_resume_with_different_data_is_refused(stopped_run, tmp_path, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(stopped_run, out)
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    state["tasks"][0] = "something else"
+    torch.save(state, out / "checkpoint.pth")
+    fails(capsys, [*FAST, "--resume"], out, "differ")
+
+
+# --- divergence --------------------------------------------------------------------------------
+def test_divergence_stops_with_advice_and_keeps_the_last_good_state(tmp_path, capsys):
+    out = tmp_path / "m"
+    line = fails(capsys, ["--reg_lambda", "1e6", "--init_lr", "0.1", *FAST], out,
+                 "diverged", "--reg_lambda 1000000.0", "--init_lr 0.1", "lower")
+    assert "task 2" in line
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["task"] == 1  # task 1 (no penalty yet) was committed, nothing after it
+    assert all(torch.isfinite(v).all() for v in state["shared"].values())
+    assert not (out / "Task_2").exists()
