@@ -101,8 +101,6 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     done = run_cli(["--data_dir", str(tmp_path / "nope")], tmp_path / "o")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    done = run_cli(["--init_lr", "0"], tmp_path / "o")
-    assert done.returncode == 2 and done.stderr.count("\n") == 1
 
 
 # --- damaged and hostile state files -----------------------------------------------------------
