@@ -1,0 +1,40 @@
+"""The library's boundary: public names, version, and no dependency on the application."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import mas_optim
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_public_api():
+    for name in ("LocalSgd", "OmegaSgd", "RegParamsError", "atomic_write", "compute_omega",
+                 "consolidate_reg_params", "init_reg_params", "load_reg_params",
+                 "save_reg_params"):
+        assert hasattr(mas_optim, name), name
+    assert issubclass(mas_optim.RegParamsError, ValueError)
+    assert issubclass(mas_optim.LocalSgd, __import__("torch").optim.SGD)
+    assert issubclass(mas_optim.OmegaSgd, __import__("torch").optim.SGD)
+    assert mas_optim.__version__.count(".") == 2
+
+
+def test_library_never_imports_the_application():
+    app = {"train", "model_class", "utils", "benchmarks", "tests"}
+    for path in (ROOT / "mas_optim").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in app, f"{path.name} imports {name}"
+    code = ("import sys, mas_optim; "
+            "print(sorted(m for m in ('train', 'model_class', 'utils') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
