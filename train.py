@@ -90,8 +90,13 @@ def _accumulate(text: str) -> str | float:
     return alpha
 
 
+def _defaults(key: str) -> str:
+    """Per-benchmark defaults of one flag, for --help."""
+    return ", ".join(f"{'--data_dir' if name == 'folders' else name} {values[key]}"
+                     for name, values in DEFAULTS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
     p = _Parser(prog="train.py", argument_default=argparse.SUPPRESS, description=(
         "Train a sequence of tasks with Memory Aware Synapses (Aljundi et al., ECCV 2018) and "
         "report forgetting. Without arguments: Split Digits (scikit-learn digits, 5 tasks of 2 "
@@ -113,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images are resized to NxN (--data_dir only; default 224 for alexnet, "
                         "32 for cnn/mlp; alexnet needs >= 63)")
     p.add_argument("--hidden", type=_number(int, 0, True),
-                   help=f"width of the mlp/cnn backbone (default {d['split-digits']['hidden']} for "
-                        f"digits, {d['folders']['hidden']} otherwise)")
+                   help=f"width of the mlp/cnn backbone (default {_defaults('hidden')})")
     p.add_argument("--pretrained", metavar="PATH",
                    help="torchvision AlexNet ImageNet weights file (e.g. alexnet-owt-7be5be79.pth)"
                         "; nothing is downloaded, without it AlexNet trains from scratch")
@@ -122,19 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="freeze the first K conv/linear layers of the shared backbone: neither "
                         "trained nor regularised (default 2 for alexnet, 0 otherwise)")
     p.add_argument("--num_epochs", type=_number(int, 0, True),
-                   help=f"epochs per task (default {d['split-digits']['num_epochs']} for digits, "
-                        f"{d['folders']['num_epochs']} with --data_dir)")
+                   help=f"epochs per task (default {_defaults('num_epochs')})")
     p.add_argument("--batch_size", type=_number(int, 0, True),
-                   help=f"batch size (default {d['split-digits']['batch_size']} for digits, "
-                        f"{d['folders']['batch_size']} with --data_dir)")
+                   help=f"batch size (default {_defaults('batch_size')})")
     p.add_argument("--init_lr", type=_number(float, 0, True),
                    help=f"initial learning rate, x{LR_GAMMA} every {LR_STEP_EPOCHS} epochs, SGD "
-                        f"momentum {MOMENTUM} (default {d['split-digits']['init_lr']} for digits, "
-                        f"{d['folders']['init_lr']} with --data_dir)")
+                        f"momentum {MOMENTUM} (default {_defaults('init_lr')})")
     p.add_argument("--reg_lambda", type=_number(float, 0, False),
                    help="MAS penalty strength lambda in lambda*sum(Omega*(theta-theta*)^2); 0 is "
-                        f"plain fine-tuning (default {d['split-digits']['reg_lambda']} for digits, "
-                        f"{d['folders']['reg_lambda']} with --data_dir)")
+                        f"plain fine-tuning (default {_defaults('reg_lambda')})")
     p.add_argument("--omega", choices=("per-sample", "batch"),
                    help="importance: mean over samples of |d||f(x)||^2/dtheta| (per-sample, the "
                         "paper's Eq. 2) or from the gradient of whole batches (faster, coarser)")
@@ -210,20 +210,19 @@ class Progress:
     def __init__(self, tty: bool) -> None:
         self.tty = tty
 
-    def bar(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
+    def bar(self, iterable: Iterable, desc: str) -> Iterable:
         if not self.tty:
             return iterable
         from tqdm import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stdout,
-                    dynamic_ncols=True)
+        return tqdm(iterable, desc=desc, leave=False, file=sys.stdout, dynamic_ncols=True)
 
-    def log(self, message: str, always: bool = True) -> None:
+    def log(self, message: str) -> None:
         if self.tty:
             from tqdm import tqdm
 
             tqdm.write(message, file=sys.stdout)
-        elif always:
+        else:
             print(message, flush=True)
 
 
@@ -315,17 +314,22 @@ class Trainer:
     def train_task(self, state: dict[str, Any]) -> dict[str, Any]:
         cfg, t = self.config, state["task"]
         task = self.tasks[t]
-        model = self._restore_model(state, t)
-        reg_params = {n: {k: v.to(self.device, copy=True) for k, v in d.items()}
-                      for n, d in state["reg_params"].items()}
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = mas_optim.LocalSgd(trainable, reg_params=reg_params,
-                                       reg_lambda=cfg["reg_lambda"], lr=cfg["init_lr"],
-                                       momentum=MOMENTUM)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
-        if state["epoch"] > 0:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+        try:  # a checkpoint that loads but does not fit this model is a damaged file too
+            model = self._restore_model(state, t)
+            reg_params = {n: {k: v.to(self.device, copy=True) for k, v in d.items()}
+                          for n, d in state["reg_params"].items()}
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            optimizer = mas_optim.LocalSgd(trainable, reg_params=reg_params,
+                                           reg_lambda=cfg["reg_lambda"], lr=cfg["init_lr"],
+                                           momentum=MOMENTUM)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
+            if state["epoch"] > 0:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AppError(f"{self.run_dir.path(CHECKPOINT)}: does not fit the model "
+                           f"({first[:160]})") from None
         label = f"task {t + 1}/{len(self.tasks)} ({task.name})"
         every = max(1, math.ceil(cfg["num_epochs"] / 5))
         for epoch in range(state["epoch"], cfg["num_epochs"]):
@@ -337,9 +341,9 @@ class Trainer:
                      "scheduler": scheduler.state_dict(), "rng": _rng_state(self.device)}
             self.run_dir.save_checkpoint(state)
             self.hook("after-epoch")
-            self.progress.log(f"{label} epoch {epoch + 1}/{cfg['num_epochs']}: loss {loss:.4f}, "
-                              f"MAS penalty {penalty:.4f}",
-                              always=(epoch + 1) % every == 0 or epoch + 1 == cfg["num_epochs"])
+            if (epoch + 1) % every == 0 or epoch + 1 == cfg["num_epochs"]:
+                self.progress.log(f"{label} epoch {epoch + 1}/{cfg['num_epochs']}: loss "
+                                  f"{loss:.4f}, MAS penalty {penalty:.4f}")
         return self.finish_task(state, model, reg_params, t, label)
 
     def train_epoch(self, model: TaskModel, optimizer: mas_optim.LocalSgd, task: Task, t: int,
@@ -460,6 +464,9 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
         state = run_dir.load_checkpoint()
         if state is None:
             raise AppError(f"--resume: nothing to resume in {run_dir.root} (no {CHECKPOINT})")
+        missing = [k for k in CONFIG_KEYS if k not in state["config"]]
+        if missing:
+            raise AppError(f"{run_dir.path(CHECKPOINT)}: settings missing ({', '.join(missing)})")
         config = resume_config(state["config"], given, run_dir.root)
         run_dir.check_saved_files(state)
         run_dir.remove_stale_temp_files()

@@ -181,3 +181,13 @@ def test_divergence_stops_with_advice_and_keeps_the_last_good_state(tmp_path, ca
     assert state["task"] == 1  # task 1 (no penalty yet) was committed, nothing after it
     assert all(torch.isfinite(v).all() for v in state["shared"].values())
     assert not (out / "Task_2").exists()
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_refused(stopped_run, tmp_path, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(stopped_run, out)
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    name = next(iter(state["shared"]))
+    state["shared"][name] = torch.zeros(3)
+    torch.save(state, out / "checkpoint.pth")
+    fails(capsys, [*FAST, "--resume"], out, "checkpoint.pth", "does not fit")

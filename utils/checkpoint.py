@@ -165,10 +165,10 @@ class RunDir:
         re-deriving the public files of a finished run changes nothing."""
         path = self.path(rel)
         try:
-            if path.is_file() and path.read_bytes() == data:
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
                 return
         except OSError:
-            pass
+            pass  # missing or unreadable: write it
         path.parent.mkdir(parents=True, exist_ok=True)
         mas_optim.atomic_write(path, data, before_replace=lambda: self.hook(f"write:{rel}"))
 
@@ -254,6 +254,12 @@ def _structure_problem(state: Any) -> str | None:
         return f"task index {state['task']!r} outside 0..{n_tasks}"
     if len(state["heads"]) != state["task"] or len(state["acc_matrix"]) != state["task"]:
         return "heads/accuracy rows do not match the number of finished tasks"
+    if not all(_is_tensor_dict(h) for h in state["heads"] + [state["head"] or {}]):
+        return "a head is not a tensor dict"
+    if any(len(row) != i + 1 for i, row in enumerate(state["acc_matrix"])):
+        return "the accuracy matrix is not lower-triangular"
+    if not isinstance(state["config"], dict):
+        return "config is not a dict"
     for name, tensors in list(state["shared"].items()) + [
             (f"{n}.{k}", v) for n, d in state["reg_params"].items() for k, v in d.items()]:
         if tensors.is_floating_point() and not torch.isfinite(tensors).all():
