@@ -47,14 +47,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 FLAG_DEFAULTS: dict[str, Any] = dict(
     benchmark=None, data_dir=None, mnist_root=None, arch=None, image_size=None, hidden=None,
     pretrained=None, num_freeze_layers=None, num_epochs=None, batch_size=None, init_lr=None,
-    reg_lambda=None, omega="per-sample", accumulate="sum", seed=0, output_dir="models",
+    reg_lambda=None, method="mas", omega="per-sample", accumulate="sum", proximal=False, seed=0,
+    output_dir="models",
     resume=False, overwrite=False, use_gpu=False)
 IMAGE_SIZE_DEFAULT = {"alexnet": 224, "cnn": 32, "mlp": 32}
 # Settings that determine the result: stored in the checkpoint and results.json, and checked
 # against explicitly given flags on --resume.
 CONFIG_KEYS = ("benchmark", "data_dir", "mnist_root", "arch", "image_size", "hidden",
                "pretrained", "num_freeze_layers", "num_epochs", "batch_size", "init_lr",
-               "reg_lambda", "omega", "accumulate", "seed")
+               "reg_lambda", "method", "omega", "accumulate", "proximal", "seed")
+METHODS = ("mas", "lmas", "si", "finetune")
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -135,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg_lambda", type=_number(float, 0, False),
                    help="MAS penalty strength lambda in lambda*sum(Omega*(theta-theta*)^2); 0 is "
                         f"plain fine-tuning (default {_defaults('reg_lambda')})")
+    p.add_argument("--method", choices=METHODS,
+                   help="importance Omega after each task: mas (default; the paper's global "
+                        "MAS), lmas (the paper's local Hebbian variant, per layer), si "
+                        "(Synaptic Intelligence's path integral), finetune (no penalty)")
+    p.add_argument("--proximal", action="store_true",
+                   help="apply the penalty by its exact proximal map instead of a gradient "
+                        "step (stable for any reg_lambda)")
     p.add_argument("--omega", choices=("per-sample", "batch"),
                    help="importance: mean over samples of |d||f(x)||^2/dtheta| (per-sample, the "
                         "paper's Eq. 2) or from the gradient of whole batches (faster, coarser)")
@@ -180,6 +189,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         config["image_size"] = args.image_size or IMAGE_SIZE_DEFAULT[arch]
     elif args.image_size is not None:
         raise AppError("--image_size applies to --data_dir images only")
+    if config["method"] == "finetune":
+        if args.reg_lambda:
+            raise AppError("--method finetune has no penalty: drop --reg_lambda")
+        config["reg_lambda"] = 0.0
     if args.pretrained is not None and arch != "alexnet":
         raise AppError("--pretrained holds AlexNet weights: use it with --arch alexnet")
     return {k: config[k] for k in CONFIG_KEYS}
@@ -321,7 +334,8 @@ class Trainer:
             trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             optimizer = mas_optim.LocalSgd(trainable, reg_params=reg_params,
                                            reg_lambda=cfg["reg_lambda"], lr=cfg["init_lr"],
-                                           momentum=MOMENTUM)
+                                           momentum=MOMENTUM, proximal=cfg["proximal"],
+                                           track_path_integral=cfg["method"] == "si")
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
             if state["epoch"] > 0:
                 optimizer.load_state_dict(state["optimizer"])
@@ -344,7 +358,7 @@ class Trainer:
             if (epoch + 1) % every == 0 or epoch + 1 == cfg["num_epochs"]:
                 self.progress.log(f"{label} epoch {epoch + 1}/{cfg['num_epochs']}: loss "
                                   f"{loss:.4f}, MAS penalty {penalty:.4f}")
-        return self.finish_task(state, model, reg_params, t, label)
+        return self.finish_task(state, model, optimizer, reg_params, t, label)
 
     def train_epoch(self, model: TaskModel, optimizer: mas_optim.LocalSgd, task: Task, t: int,
                     epoch: int, label: str) -> tuple[float, float]:
@@ -371,6 +385,7 @@ class Trainer:
         return total / max(seen, 1), penalty
 
     def finish_task(self, state: dict[str, Any], model: TaskModel,
+                    optimizer: mas_optim.LocalSgd,
                     reg_params: dict[str, dict[str, torch.Tensor]], t: int, label: str
                     ) -> dict[str, Any]:
         """Evaluate all tasks so far, estimate importance, consolidate, commit, export."""
@@ -386,8 +401,7 @@ class Trainer:
                 model.head = own_head
             row.append(accuracy(model, make_loader(self.tasks[j].test, cfg["batch_size"]),
                                 self.device))
-        omega = mas_optim.compute_omega(model, self._importance_batches(t, label),
-                                        per_sample=cfg["omega"] == "per-sample")
+        omega = self._importance(model, optimizer, reg_params, t, label)
         if not all(torch.isfinite(o).all() for o in omega.values()):
             raise self._diverged(t, cfg["num_epochs"] - 1, "the importance Omega is not finite")
         reg_params = mas_optim.consolidate_reg_params(reg_params, model, omega,
@@ -402,6 +416,21 @@ class Trainer:
         self.progress.log(f"{label} done: accuracy " + " ".join(f"{a:.1f}" for a in row))
         self.hook("after-task")
         return state
+
+    def _importance(self, model: TaskModel, optimizer: mas_optim.LocalSgd,
+                    reg_params: dict[str, dict[str, torch.Tensor]], t: int, label: str
+                    ) -> dict[str, torch.Tensor]:
+        """Omega of the task just learnt, by --method: MAS (Eq. 2 on the network's output),
+        l-MAS (Eq. 2 per layer, the paper's local Hebbian variant), SI (Zenke et al. 2017:
+        the path integral LocalSgd tracked while training) or none (fine-tuning: zeros)."""
+        method = self.config["method"]
+        if method == "finetune":
+            return {n: torch.zeros_like(e["omega"]) for n, e in reg_params.items()}
+        if method == "si":
+            return optimizer.path_integral_omega()
+        return mas_optim.compute_omega(model, self._importance_batches(t, label),
+                                       per_sample=self.config["omega"] == "per-sample",
+                                       method="local" if method == "lmas" else "global")
 
     def _importance_batches(self, t: int, label: str) -> Iterator[Any]:
         """The task's training data in fixed order for the importance pass (on the device)."""

@@ -200,3 +200,25 @@ def test_cli_help_and_a_real_process(tmp_path, capsys):
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "m" / "results.json").read_text())["config"]
     assert config["omega"] == "batch" and config["accumulate"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["lmas", "si", "finetune"])
+def test_other_methods_run(tmp_path, method):
+    args = ["--method", method, "--num_epochs", "1", "--hidden", "8"]
+    assert run_main(args, tmp_path / "m") == 0
+    config = results(tmp_path / "m")["config"]
+    assert config["method"] == method
+    omega = mas_optim.load_reg_params(tmp_path / "m" / "reg_params.pickle")
+    total = sum(float(e["omega"].abs().sum()) for e in omega.values())
+    assert (total == 0) == (method == "finetune") and (config["reg_lambda"] == 0) == (
+        method == "finetune")
+
+
+def test_si_resumes_identically(tmp_path):
+    """SI's path integral lives in the optimizer state, which the checkpoint carries."""
+    args = [*FAST, "--method", "si", "--proximal"]
+    assert run_main(args, tmp_path / "ref") == 0
+    killed = run_cli(args, tmp_path / "cut", env={"MAS_OPTIM_KILL_AT": "after-epoch:5"})
+    assert killed.returncode == -9, killed.stderr
+    assert run_main([*args, "--resume"], tmp_path / "cut") == 0
+    assert snapshot(tmp_path / "cut") == snapshot(tmp_path / "ref")

@@ -37,6 +37,7 @@ def fails(capsys, args, out, *needles) -> str:
     (["--benchmark", "split-digits", "--data_dir", "x"], "--data_dir"),
     (["--benchmark", "split-mnist"], "--mnist_root"),
     (["--image_size", "16"], "--image_size"),
+    (["--method", "finetune", "--reg_lambda", "0.5"], "--reg_lambda"),
 ])
 def test_bad_flags(tmp_path, capsys, args, needle):
     fails(capsys, args, tmp_path / "out", needle)
