@@ -274,6 +274,9 @@ class Trainer:
     # state <-> objects
     def initial_state(self) -> dict[str, Any]:
         """Fresh weights from --seed, zero importance (task 1 is trained without penalty)."""
+        if self.config["arch"] == "alexnet" and not self.config["pretrained"]:
+            self.progress.log("note: no --pretrained weights: AlexNet trains from scratch "
+                              "(random initialisation)")
         torch.manual_seed(self.config["seed"])
         model = self._model(0, self.config["pretrained"])
         frozen = freeze_first_layers(model, self.config["num_freeze_layers"])
@@ -308,15 +311,9 @@ class Trainer:
         return model.to(self.device)
 
     # the run
-    def run(self, state: dict[str, Any] | None) -> dict[str, Any]:
-        """Train every unfinished task; return the results document."""
-        if state is None:
-            if self.config["arch"] == "alexnet" and not self.config["pretrained"]:
-                self.progress.log("note: no --pretrained weights: AlexNet trains from scratch "
-                                  "(random initialisation)")
-            state = self.initial_state()
-            self.run_dir.save_checkpoint(state)
-        else:
+    def run(self, state: dict[str, Any], resumed: bool) -> dict[str, Any]:
+        """Train every unfinished task of a committed state; return the results document."""
+        if resumed:
             _set_rng_state(state["rng"], self.device)
             if state["epoch"] == 0:
                 self.export(state)  # a commit may have been cut off before its public files
@@ -488,8 +485,8 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
     run_dir = RunDir(Path(args.output_dir), CrashHook.from_env())
     progress = Progress(sys.stdout.isatty())
     device = _device(args.use_gpu)
+    run_dir.prepare(create=False)
     if args.resume:
-        run_dir.prepare(create=False)
         state = run_dir.load_checkpoint()
         if state is None:
             raise AppError(f"--resume: nothing to resume in {run_dir.root} (no {CHECKPOINT})")
@@ -498,23 +495,28 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
             raise AppError(f"{run_dir.path(CHECKPOINT)}: settings missing ({', '.join(missing)})")
         config = resume_config(state["config"], given, run_dir.root)
         run_dir.check_saved_files(state)
-        run_dir.remove_stale_temp_files()
     else:
         config = resolve_config(args)
-        run_dir.prepare(create=True)
-        if run_dir.path(CHECKPOINT).exists():
-            if not args.overwrite:
-                raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume "
-                               "to continue it, --overwrite to start over, or pick another "
-                               "--output_dir")
-            run_dir.clear()
+        if run_dir.path(CHECKPOINT).exists() and not args.overwrite:
+            raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume "
+                           "to continue it, --overwrite to start over, or pick another "
+                           "--output_dir")
         state = None
     tasks = load_tasks(config)
     if state is not None and ([t.name for t in tasks] != state["tasks"]
                               or [t.classes for t in tasks] != state["classes"]):
         raise AppError(f"--resume: the tasks found now differ from those of the run in "
                        f"{run_dir.root} ({', '.join(state['tasks'])})")
-    doc = Trainer(config, tasks, run_dir, device, progress).run(state)
+    trainer = Trainer(config, tasks, run_dir, device, progress)
+    if state is None:
+        # only now, with data and model known to be good, is anything on disk touched
+        state = trainer.initial_state()
+        run_dir.prepare(create=True)
+        run_dir.clear()
+        run_dir.save_checkpoint(state)
+    else:
+        run_dir.remove_stale_temp_files()
+    doc = trainer.run(state, resumed=args.resume)
     print(report(doc))
     print(f"Saved in {run_dir.root}/: {SHARED}, reg_params.pickle, Task_k/, {RESULTS}, {PLOT}")
     return 0

@@ -192,3 +192,13 @@ def test_checkpoint_that_does_not_fit_the_model_is_refused(stopped_run, tmp_path
     state["shared"][name] = torch.zeros(3)
     torch.save(state, out / "checkpoint.pth")
     fails(capsys, [*FAST, "--resume"], out, "checkpoint.pth", "does not fit")
+
+
+def test_failed_overwrite_leaves_the_previous_run_alone(stopped_run, tmp_path, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(stopped_run, out)
+    before = snapshot(out)
+    fails(capsys, ["--overwrite", "--data_dir", str(tmp_path / "typo")], out, "no such folder")
+    assert snapshot(out) == before
+    fails(capsys, ["--data_dir", str(tmp_path / "typo")], tmp_path / "new", "no such folder")
+    assert not (tmp_path / "new").exists()

@@ -157,6 +157,8 @@ class RunDir:
         for folder in self.root.glob("Task_*"):
             for name in ("head.pth", "classes.txt", "performance.txt"):
                 (folder / name).unlink(missing_ok=True)
+        self.remove_stale_temp_files()
+        for folder in self.root.glob("Task_*"):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
 
