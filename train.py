@@ -485,6 +485,8 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
     run_dir = RunDir(Path(args.output_dir), CrashHook.from_env())
     progress = Progress(sys.stdout.isatty())
     device = _device(args.use_gpu)
+    if args.resume and args.overwrite:
+        raise AppError("give either --resume (continue the run) or --overwrite (start over)")
     run_dir.prepare(create=False)
     if args.resume:
         state = run_dir.load_checkpoint()
@@ -506,7 +508,7 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
     if state is not None and ([t.name for t in tasks] != state["tasks"]
                               or [t.classes for t in tasks] != state["classes"]):
         raise AppError(f"--resume: the tasks found now differ from those of the run in "
-                       f"{run_dir.root} ({', '.join(state['tasks'])})")
+                       f"{run_dir.root} ({', '.join(map(str, state['tasks']))})")
     trainer = Trainer(config, tasks, run_dir, device, progress)
     if state is None:
         # only now, with data and model known to be good, is anything on disk touched

@@ -7,8 +7,12 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest_app import FAST, make_image_tasks, run_cli, run_main, snapshot
+
+from utils import AppError
 
 
 def fails(capsys, args, out, *needles) -> str:
@@ -202,3 +206,22 @@ def test_failed_overwrite_leaves_the_previous_run_alone(stopped_run, tmp_path, c
     assert snapshot(out) == before
     fails(capsys, ["--data_dir", str(tmp_path / "typo")], tmp_path / "new", "no such folder")
     assert not (tmp_path / "new").exists()
+
+
+def test_resume_and_overwrite_together(tmp_path, capsys):
+    fails(capsys, ["--resume", "--overwrite"], tmp_path / "m", "--resume", "--overwrite")
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600), prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02"]))
+def test_any_bytes_as_checkpoint_give_app_error_or_load(tmp_path, data, prefix):
+    """Loaders never crash on arbitrary bytes: an AppError naming the file, or a valid load."""
+    from utils.checkpoint import CrashHook, RunDir
+
+    path = tmp_path / "checkpoint.pth"
+    path.write_bytes(prefix + data)
+    try:
+        RunDir(tmp_path, CrashHook(None)).load_checkpoint()
+    except AppError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)
