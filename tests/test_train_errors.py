@@ -225,3 +225,16 @@ def test_any_bytes_as_checkpoint_give_app_error_or_load(tmp_path, data, prefix):
         RunDir(tmp_path, CrashHook(None)).load_checkpoint()
     except AppError as exc:
         assert str(path) in str(exc) and "\n" not in str(exc)
+
+
+def test_non_finite_reg_params_file_is_refused(stopped_run, tmp_path, capsys):
+    import mas_optim
+
+    out = tmp_path / "m"
+    shutil.copytree(stopped_run, out)
+    reg_params = mas_optim.load_reg_params(out / "reg_params.pickle")
+    next(iter(reg_params.values()))["init_val"].view(-1)[0] = math.nan
+    mas_optim.save_reg_params(reg_params, out / "reg_params.pickle")
+    before = snapshot(out)
+    fails(capsys, [*FAST, "--resume"], out, "reg_params.pickle", "NaN or Inf")
+    assert snapshot(out) == before
