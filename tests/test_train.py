@@ -66,12 +66,19 @@ def test_saved_files_rebuild_the_model(tmp_path):
 
 
 def test_mas_forgets_less_than_fine_tuning_with_the_defaults(tmp_path):
-    """The default run shows MAS working: measured -0.46pp (MAS) vs 17.45pp (fine-tuning)."""
-    assert run_main(["--seed", "0"], tmp_path / "mas") == 0
-    assert run_main(["--seed", "0", "--reg_lambda", "0"], tmp_path / "ft") == 0
-    mas, ft = results(tmp_path / "mas"), results(tmp_path / "ft")
-    assert ft["avg_forgetting"] - mas["avg_forgetting"] > 8
-    assert mas["avg_acc"] > ft["avg_acc"] + 5
+    """The default run shows MAS working. Measured (seeds 0 and 1): average forgetting
+    -0.46/0.46pp with MAS against 17.45/10.12pp fine-tuning, average accuracy 99.8/98.3% against
+    85.9/91.5%. Two seeds and margins of about half the measured gap keep this from flaking
+    when the library's floating-point details change."""
+    gap_forgetting, gap_acc = [], []
+    for seed in ("0", "1"):
+        assert run_main(["--seed", seed], tmp_path / f"mas{seed}") == 0
+        assert run_main(["--seed", seed, "--reg_lambda", "0"], tmp_path / f"ft{seed}") == 0
+        mas, ft = results(tmp_path / f"mas{seed}"), results(tmp_path / f"ft{seed}")
+        gap_forgetting.append(ft["avg_forgetting"] - mas["avg_forgetting"])
+        gap_acc.append(mas["avg_acc"] - ft["avg_acc"])
+    assert sum(gap_forgetting) / 2 > 6 and min(gap_forgetting) > 2
+    assert sum(gap_acc) / 2 > 4 and min(gap_acc) > 1
 
 
 def test_resume_after_a_stop_gives_the_identical_result(tmp_path):

@@ -30,10 +30,10 @@ class PrepError(Exception):
 
 def read_layout(source: Path) -> tuple[list[str], dict[str, list[Path]], dict[str, list[Path]]]:
     """Class ids, training images per class and validation images per class."""
-    wnids_file = source / "wnids.txt"
+    wnids_file = source.resolve() / "wnids.txt"
     if not wnids_file.is_file():
         raise PrepError(
-            f"{source}/ not found or incomplete (no wnids.txt). Download {ARCHIVE_URL} on a "
+            f"{source.resolve()}/ not found or incomplete (no wnids.txt). Download {ARCHIVE_URL} on a "
             f"machine with network access, unzip it so that {wnids_file} exists, and run this "
             "again (or point --source at the unzipped tiny-imagenet-200/ folder)")
     wnids = sorted({w.strip() for w in wnids_file.read_text().split() if w.strip()})
