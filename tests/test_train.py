@@ -229,3 +229,20 @@ def test_si_resumes_identically(tmp_path):
     assert killed.returncode == -9, killed.stderr
     assert run_main([*args, "--resume"], tmp_path / "cut") == 0
     assert snapshot(tmp_path / "cut") == snapshot(tmp_path / "ref")
+
+
+def test_progress_bars_on_a_terminal(capsys):
+    from tqdm import tqdm
+
+    progress = train.Progress(tty=True)
+    bar = progress.bar(range(3), "epoch 1")
+    assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2]
+    progress.log("a line")
+    assert "a line" in capsys.readouterr().out
+    assert train.Progress(tty=False).bar([1], "x") == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_use_gpu_without_a_gpu(tmp_path, capsys):
+    assert run_main(["--use_gpu"], tmp_path / "m") == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
