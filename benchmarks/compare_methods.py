@@ -6,7 +6,7 @@ each method the table shows the reg_lambda with the best mean average accuracy o
 and, below, the whole grid; mean ± std over seeds. A plot of average forgetting against average
 accuracy is written next to the runs.
 
-    python benchmarks/compare_methods.py            # 3 seeds, ~15 minutes on 2 cores
+    python benchmarks/compare_methods.py            # 3 seeds, ~10 minutes on 2 cores
     python benchmarks/compare_methods.py --quick    # 1 seed, 1 epoch: a smoke run
 """
 
@@ -25,24 +25,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (label, train.py flags, reg_lambda grid). Fine-tuning is reg_lambda 0 by definition.
 METHODS = [
-    ("finetune", ["--method", "finetune"], [0.0]),
-    ("MAS", ["--method", "mas"], [0.1, 1.0]),
-    ("MAS proximal", ["--method", "mas", "--proximal"], [0.1, 1.0]),
-    ("l-MAS", ["--method", "lmas"], [0.01, 0.1]),
-    ("SI", ["--method", "si"], [0.1, 1.0]),
+    ("finetune", ("--method", "finetune"), [0.0]),
+    ("MAS", ("--method", "mas"), [0.1, 0.3, 1.0]),
+    ("MAS proximal", ("--method", "mas", "--proximal"), [0.1, 1.0, 10.0]),
+    ("l-MAS", ("--method", "lmas"), [0.001, 0.01, 0.1]),
+    ("SI", ("--method", "si"), [0.1, 1.0, 10.0]),
 ]
 BENCHMARKS = ["split-digits", "permuted-digits"]
 
 
-def run_one(out: Path, benchmark: str, flags: list[str], lam: float, seed: int,
-            extra: list[str]) -> dict:
-    results = out / "results.json"
+def run_one(out: Path, benchmark: str, flags: tuple, lam: float, seed: int,
+            extra: list[str]) -> dict | None:
+    """The run's results.json, or None when training diverged (train.py's exit 2)."""
+    results, diverged = out / "results.json", out / "DIVERGED"
+    if diverged.exists():
+        return None
     if not results.exists():
         cmd = [sys.executable, str(ROOT / "train.py"), "--benchmark", benchmark, *flags,
                "--reg_lambda", str(lam), "--seed", str(seed), "--output_dir", str(out),
                "--overwrite", *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if proc.returncode == 2 and "diverged" in proc.stderr:
+            diverged.write_text(proc.stderr)
+            return None
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     return json.loads(results.read_text())
@@ -78,24 +84,28 @@ def main() -> None:
     for b in BENCHMARKS:
         lines += [f"\n{b} ({seeds} seed{'s' * (seeds > 1)}): mean ± std over seeds",
                   f"{'method':14s} {'reg_lambda':>10s} {'avg acc %':>14s} {'avg forgetting':>16s}"]
+        grid_lines = ["  whole grid:"]
         for label, _, grid in METHODS:
             rows = []
             for lam in grid:
-                runs = [res[(b, label, f, lam, s)] for (bb, ll, f, lmb, s) in jobs
-                        if (bb, ll, lmb) == (b, label, lam)]
+                runs = [res[job] for job in jobs if job[:2] == (b, label) and job[3] == lam]
+                if any(r is None for r in runs):  # a diverged seed disqualifies the setting
+                    n = sum(r is None for r in runs)
+                    grid_lines.append(f"  {label:12s} {lam:>10g}   diverged ({n} of {len(runs)} "
+                                      "seeds)")
+                    continue
                 acc = [r["avg_acc"] for r in runs]
                 fgt = [r["avg_forgetting"] for r in runs]
                 rows.append((statistics.mean(acc), lam, acc, fgt))
+                grid_lines.append(f"  {label:12s} {lam:>10g} {mean_std(acc):>14s} "
+                                  f"{mean_std(fgt):>16s}")
+            if not rows:
+                lines.append(f"{label:14s} {'-':>10s} {'diverged':>14s}")
+                continue
             _, lam, acc, fgt = max(rows)
             best[(b, label)] = (acc, fgt)
             lines.append(f"{label:14s} {lam:>10g} {mean_std(acc):>14s} {mean_std(fgt):>16s}")
-        lines.append("  whole grid:")
-        for label, _, grid in METHODS:
-            for lam in grid:
-                runs = [res[job] for job in jobs if job[:2] == (b, label) and job[3] == lam]
-                lines.append(f"  {label:12s} {lam:>10g} "
-                             f"{mean_std([r['avg_acc'] for r in runs]):>14s} "
-                             f"{mean_std([r['avg_forgetting'] for r in runs]):>16s}")
+        lines += grid_lines
     text = "\n".join(lines)
     print(text)
     (out_dir / "table.txt").write_text(text + "\n")
@@ -112,6 +122,8 @@ def plot(best: dict, seeds: int, path: Path) -> None:
     fig, axes = plt.subplots(1, len(BENCHMARKS), figsize=(5.5 * len(BENCHMARKS), 4.2))
     for ax, b in zip(axes, BENCHMARKS):
         for label, _, _ in METHODS:
+            if (b, label) not in best:
+                continue
             acc, fgt = best[(b, label)]
             ax.errorbar(statistics.mean(fgt), statistics.mean(acc),
                         xerr=statistics.stdev(fgt) if seeds > 1 else None,

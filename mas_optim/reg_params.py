@@ -24,7 +24,7 @@ import math
 import os
 import pickle
 import sys
-from typing import Dict, Iterable, Mapping, Optional, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -129,8 +129,10 @@ def consolidate_reg_params(
 
 # ----------------------------------------------------------------------------- persistence
 
-def save_reg_params(reg_params: RegParams, path: PathLike) -> None:
-    """Pickle ``reg_params`` to ``path`` atomically (see :func:`mas_optim.atomic_write`)."""
+def save_reg_params(reg_params: RegParams, path: PathLike, *,
+                    before_replace: Optional[Callable[[], None]] = None) -> None:
+    """Pickle ``reg_params`` to ``path`` atomically (see :func:`mas_optim.atomic_write`, which
+    also explains ``before_replace``)."""
     _validate_structure(reg_params, str(path))
     payload = {
         "format": FORMAT_NAME,
@@ -139,7 +141,7 @@ def save_reg_params(reg_params: RegParams, path: PathLike) -> None:
         "params": {name: {key: _encode_tensor(entry[key]) for key in _KEYS}
                    for name, entry in reg_params.items()},
     }
-    atomic_write(path, pickle.dumps(payload, protocol=4))
+    atomic_write(path, pickle.dumps(payload, protocol=4), before_replace=before_replace)
 
 
 def load_reg_params(path: PathLike, model: Optional[nn.Module] = None) -> RegParams:

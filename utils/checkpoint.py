@@ -183,8 +183,8 @@ class RunDir:
                     return
             except mas_optim.RegParamsError:
                 pass  # checked before anything is written; here it is just to be replaced
-        self.hook(f"write:{REG_PARAMS}")  # save_reg_params has no hook: kill just before it
-        mas_optim.save_reg_params(reg_params, path)
+        mas_optim.save_reg_params(reg_params, path,
+                                  before_replace=lambda: self.hook(f"write:{REG_PARAMS}"))
 
     # --- the checkpoint -------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
