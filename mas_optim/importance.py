@@ -261,7 +261,8 @@ def _linear_rule(m: nn.Linear, a: Tensor, g: Tensor, own: Dict[str, str],
                  sums: Dict[str, Tensor]) -> None:
     if a.dim() == 2:
         if "weight" in own:
-            sums[own["weight"]].add_(g.abs().t().mm(a.abs()).to(sums[own["weight"]]))  # |G|ᵀ|A|
+            acc = sums[own["weight"]]
+            acc.addmm_(g.abs().t().to(acc.dtype), a.abs().to(acc.dtype))  # += |G|ᵀ|A|
         if "bias" in own:
             sums[own["bias"]].add_(g.abs().sum(0).to(sums[own["bias"]]))
         return
