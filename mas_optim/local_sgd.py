@@ -76,24 +76,35 @@ class LocalSgd(torch.optim.SGD):
         proximal: bool = False,
         track_path_integral: bool = False,
     ) -> None:
-        if not (isinstance(reg_lambda, (int, float)) and math.isfinite(reg_lambda)
-                and reg_lambda >= 0):
-            raise ValueError(f"Invalid reg_lambda value: {reg_lambda}")
+        _check_reg_lambda(reg_lambda)
+        self._mas_defaults = {"reg_lambda": float(reg_lambda), "proximal": bool(proximal)}
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        for group in self.param_groups:
-            if "param_names" not in group:
-                raise ValueError(
-                    "LocalSgd needs parameter names to find each parameter's reg_params: pass "
-                    "model.named_parameters() (or param groups of (name, parameter) pairs)")
-            group.setdefault("reg_lambda", float(reg_lambda))
-            if not (math.isfinite(group["reg_lambda"]) and group["reg_lambda"] >= 0):
-                raise ValueError(f"Invalid reg_lambda value: {group['reg_lambda']}")
-            group.setdefault("proximal", bool(proximal))
+        self.defaults.update(self._mas_defaults)
         self.track_path_integral = bool(track_path_integral)
         self._penalty_cache: Dict[Tensor, tuple] = {}
         self._reg_params: RegParams = {}
         self.reg_params = reg_params if reg_params is not None else {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, and each group must be named; it may set its own ``reg_lambda``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "param_names" not in group:
+            self.param_groups.pop()
+            raise ValueError(
+                "LocalSgd needs parameter names to find each parameter's reg_params: pass "
+                "model.named_parameters() (or param groups of (name, parameter) pairs)")
+        for key, value in self._mas_defaults.items():
+            group.setdefault(key, value)
+        _check_reg_lambda(group["reg_lambda"])
+
+    def __setstate__(self, state: dict) -> None:
+        # load_state_dict() of a plain SGD state dict: its groups have no reg_lambda/proximal.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in ("reg_lambda", "proximal"):
+                group.setdefault(key, self.defaults[key])
 
     # ------------------------------------------------------------------ reg_params
 
@@ -215,7 +226,7 @@ class LocalSgd(torch.optim.SGD):
         omega, anchor = entry["omega"], entry["init_val"]
         key = (coef, omega._version, anchor._version)
         cached = self._penalty_cache.get(p)
-        # Holding omega and anchor in the entry keeps their ids from being reused by new tensors.
+        # The identity checks catch a replaced tensor (a new one may start at the same version).
         if cached is None or cached[0] != key or cached[3] is not omega or cached[4] is not anchor:
             slope = omega.mul(coef)
             cached = (key, slope, slope.mul(anchor), omega, anchor)
@@ -268,6 +279,12 @@ class LocalSgd(torch.optim.SGD):
             state["si_w"].zero_()
             start.copy_(p)
         return omega
+
+
+def _check_reg_lambda(reg_lambda) -> None:
+    if not (isinstance(reg_lambda, (int, float)) and not isinstance(reg_lambda, bool)
+            and math.isfinite(reg_lambda) and reg_lambda >= 0):
+        raise ValueError(f"Invalid reg_lambda value: {reg_lambda}")
 
 
 # ---------------------------------------------------------------------- functional core

@@ -303,3 +303,39 @@ def test_changes_to_reg_params_and_lambda_are_seen_by_the_next_step():
         opt.step()
         for a, b in zip(ref.parameters(), ours.parameters()):
             assert (a - b).abs().max().item() <= 1e-5, i
+
+
+def test_swapped_in_mid_training_from_torch_sgd_state():
+    """Drop-in: a torch.optim.SGD state dict (momentum buffers) loads into LocalSgd, which then
+    continues exactly as SGD would while Ω is still zero."""
+    hp = dict(lr=0.05, momentum=0.9)
+    ref, ours = make_mlp(), make_mlp()
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    data = batches(5)
+    for x, y in data[:2]:
+        opt_ref.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        opt_ref.step()
+    ours.load_state_dict(ref.state_dict())
+    opt = LocalSgd(ours.named_parameters(), reg_params=mas_optim.init_reg_params(ours),
+                   reg_lambda=0.3, lr=1.0)
+    opt.load_state_dict(copy.deepcopy(opt_ref.state_dict()))
+    assert opt.param_groups[0]["reg_lambda"] == 0.3 and opt.param_groups[0]["lr"] == 0.05
+    for x, y in data[2:]:
+        for m, o in ((ref, opt_ref), (ours, opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_add_param_group_needs_names_and_takes_its_own_lambda():
+    model = make_mlp()
+    opt = LocalSgd(list(model[0].named_parameters(prefix="0")), reg_lambda=0.5)
+    opt.add_param_group({"params": list(model[2].named_parameters(prefix="2")),
+                         "reg_lambda": 2.0})
+    assert [g["reg_lambda"] for g in opt.param_groups] == [0.5, 2.0]
+    with pytest.raises(ValueError, match="names"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert len(opt.param_groups) == 2
