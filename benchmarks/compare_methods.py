@@ -6,7 +6,7 @@ each method the table shows the reg_lambda with the best mean average accuracy o
 and, below, the whole grid; mean ± std over seeds. A plot of average forgetting against average
 accuracy is written next to the runs.
 
-    python benchmarks/compare_methods.py            # 3 seeds, ~10 minutes on 2 cores
+    python benchmarks/compare_methods.py            # 3 seeds, about 8 minutes on 2 cores
     python benchmarks/compare_methods.py --quick    # 1 seed, 1 epoch: a smoke run
 """
 
