@@ -6,12 +6,18 @@ optimiser step), evaluate every task seen so far, estimate parameter importance 
 task's training data (``mas_optim.compute_omega``, Eq. 2), fold it into reg_params
 (``consolidate_reg_params``) and commit everything to ``--output_dir``.
 
-Run ``python train.py --help`` for the flags; ``docs/train.md`` describes outputs and numbers.
+Under ``torchrun --standalone --nproc_per_node N train.py ...`` it trains data-parallel
+(DistributedDataParallel, gloo on CPUs, NCCL with --use_gpu); only rank 0 writes and prints.
+
+Run ``python train.py --help`` for the flags; ``docs/train.md`` describes outputs and numbers
+(its section "Running distributed" the torchrun details).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -24,8 +30,9 @@ from model_class import ARCHS, TaskModel, build_shared, freeze_first_layers, new
 from utils import AppError
 from utils.checkpoint import (CHECKPOINT, CHECKPOINT_VERSION, PLOT, RESULTS, SHARED, CrashHook,
                               RunDir, to_bytes)
-from utils.data import (BENCHMARKS, Task, derived_seed, image_folder_tasks, make_loader,
-                        permuted_digits, split_digits, split_mnist)
+from utils.data import (BENCHMARKS, Task, derived_seed, fixed_shard, image_folder_tasks,
+                        permuted_digits, split_digits, split_mnist, train_shard)
+from utils.distributed import Dist, everywhere, is_everywhere
 from utils.evaluate import accuracy, plot, report, results, results_json
 
 LR_STEP_EPOCHS = 20  # the original decays the learning rate x0.1 every 20 epochs
@@ -160,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tasks are not redone; on a finished run just print its report)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run even if --output_dir holds one")
-    p.add_argument("--use_gpu", action="store_true", help="train on the CUDA GPU")
+    p.add_argument("--use_gpu", action="store_true",
+                   help="train on the CUDA GPU (under torchrun: cuda:LOCAL_RANK, NCCL)")
     return p
 
 
@@ -220,8 +228,9 @@ def load_tasks(config: dict[str, Any]) -> list[Task]:
 class Progress:
     """tqdm bars when stdout is a terminal; a few plain log lines otherwise (CI logs, files)."""
 
-    def __init__(self, tty: bool) -> None:
-        self.tty = tty
+    def __init__(self, tty: bool, quiet: bool = False) -> None:
+        self.tty = tty and not quiet
+        self.quiet = quiet  # under torchrun, every rank but 0
 
     def bar(self, iterable: Iterable, desc: str) -> Iterable:
         if not self.tty:
@@ -231,6 +240,8 @@ class Progress:
         return tqdm(iterable, desc=desc, leave=False, file=sys.stdout, dynamic_ncols=True)
 
     def log(self, message: str) -> None:
+        if self.quiet:
+            return
         if self.tty:
             from tqdm import tqdm
 
@@ -263,13 +274,15 @@ class Trainer:
     """Runs the task sequence from a committed state; every commit goes through ``RunDir``."""
 
     def __init__(self, config: dict[str, Any], tasks: list[Task], run_dir: RunDir,
-                 device: torch.device, progress: Progress) -> None:
+                 device: torch.device, progress: Progress, dist: Dist | None = None) -> None:
         self.config = config
         self.tasks = tasks
         self.run_dir = run_dir
         self.device = device
         self.progress = progress
         self.hook = run_dir.hook
+        # under torchrun: this rank; every write below is rank 0's, inside a dist.step() block
+        self.dist = dist or Dist()
 
     # state <-> objects
     def initial_state(self) -> dict[str, Any]:
@@ -314,9 +327,12 @@ class Trainer:
     def run(self, state: dict[str, Any], resumed: bool) -> dict[str, Any]:
         """Train every unfinished task of a committed state; return the results document."""
         if resumed:
-            _set_rng_state(state["rng"], self.device)
+            if not self.dist.active:  # under torchrun the RNG is seeded per epoch and rank
+                _set_rng_state(state["rng"], self.device)
             if state["epoch"] == 0:
-                self.export(state)  # a commit may have been cut off before its public files
+                with self.dist.step():
+                    if self.dist.is_main:  # a commit may have been cut off before its files
+                        self.export(state)
         while state["task"] < len(self.tasks):
             state = self.train_task(state)
         return results(state["tasks"], state["acc_matrix"], self.config)
@@ -324,6 +340,33 @@ class Trainer:
     def train_task(self, state: dict[str, Any]) -> dict[str, Any]:
         cfg, t = self.config, state["task"]
         task = self.tasks[t]
+        with self.dist.step():
+            model, optimizer, scheduler, reg_params = self._restore(state, t)
+        # under torchrun the forward and backward go through DistributedDataParallel (which
+        # averages the task gradient over the ranks); LocalSgd steps the same parameters
+        net = self.dist.wrap(model)
+        label = f"task {t + 1}/{len(self.tasks)} ({task.name})"
+        every = max(1, math.ceil(cfg["num_epochs"] / 5))
+        for epoch in range(state["epoch"], cfg["num_epochs"]):
+            loss, penalty = self.train_epoch(net, optimizer, task, t, epoch, label)
+            scheduler.step()
+            self._check_finite(model, t, epoch, "a parameter")
+            state = {**state, "epoch": epoch + 1, "shared": _cpu(model.part_state("shared")),
+                     "head": _cpu(model.part_state("head")), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": _rng_state(self.device)}
+            with self.dist.step():  # no rank goes on before rank 0 committed the epoch
+                if self.dist.is_main:
+                    self.run_dir.save_checkpoint(state)
+            self.hook("after-epoch")
+            if (epoch + 1) % every == 0 or epoch + 1 == cfg["num_epochs"]:
+                self.progress.log(f"{label} epoch {epoch + 1}/{cfg['num_epochs']}: loss "
+                                  f"{loss:.4f}, MAS penalty {penalty:.4f}")
+        del net
+        return self.finish_task(state, model, optimizer, reg_params, t, label)
+
+    def _restore(self, state: dict[str, Any], t: int) -> tuple[Any, ...]:
+        """Model, optimizer, scheduler and reg_params of a committed state."""
+        cfg = self.config
         try:  # a checkpoint that loads but does not fit this model is a damaged file too
             model = self._restore_model(state, t)
             reg_params = {n: {k: v.to(self.device, copy=True) for k, v in d.items()}
@@ -341,29 +384,22 @@ class Trainer:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise AppError(f"{self.run_dir.path(CHECKPOINT)}: does not fit the model "
                            f"({first[:160]})") from None
-        label = f"task {t + 1}/{len(self.tasks)} ({task.name})"
-        every = max(1, math.ceil(cfg["num_epochs"] / 5))
-        for epoch in range(state["epoch"], cfg["num_epochs"]):
-            loss, penalty = self.train_epoch(model, optimizer, task, t, epoch, label)
-            scheduler.step()
-            self._check_finite(model, t, epoch, "a parameter")
-            state = {**state, "epoch": epoch + 1, "shared": _cpu(model.part_state("shared")),
-                     "head": _cpu(model.part_state("head")), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": _rng_state(self.device)}
-            self.run_dir.save_checkpoint(state)
-            self.hook("after-epoch")
-            if (epoch + 1) % every == 0 or epoch + 1 == cfg["num_epochs"]:
-                self.progress.log(f"{label} epoch {epoch + 1}/{cfg['num_epochs']}: loss "
-                                  f"{loss:.4f}, MAS penalty {penalty:.4f}")
-        return self.finish_task(state, model, optimizer, reg_params, t, label)
+        return model, optimizer, scheduler, reg_params
 
-    def train_epoch(self, model: TaskModel, optimizer: mas_optim.LocalSgd, task: Task, t: int,
-                    epoch: int, label: str) -> tuple[float, float]:
-        """One pass over the task's data in an order fixed by (seed, task, epoch)."""
+    def train_epoch(self, model: torch.nn.Module, optimizer: mas_optim.LocalSgd, task: Task,
+                    t: int, epoch: int, label: str) -> tuple[float, float]:
+        """One pass over the task's data in an order fixed by (seed, task, epoch); under
+        torchrun over this rank's shard of it (``utils.data.train_shard``)."""
+        dist, seed = self.dist, self.config["seed"]
         model.train()
-        loader = make_loader(task.train, self.config["batch_size"],
-                             derived_seed(self.config["seed"], t, epoch))
+        if dist.active:
+            # the global RNG (dropout, random flips) as a pure function of (seed, task, epoch,
+            # rank): a resume with as many processes continues exactly, and ranks differ
+            torch.manual_seed(derived_seed(seed, "rng", t, epoch, dist.rank))
+        loader = train_shard(task.train, self.config["batch_size"], derived_seed(seed, t, epoch),
+                             dist.rank, dist.world)
         total, seen, middle = 0.0, 0, len(loader) // 2
+        bad: float | None = None
         for i, (x, y) in enumerate(self.progress.bar(loader, f"{label} epoch {epoch + 1}")):
             if i == middle:
                 self.hook("mid-epoch")
@@ -371,11 +407,21 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             if not torch.isfinite(loss):
-                raise self._diverged(t, epoch, f"the loss became {loss.item()}")
+                if not dist.active:
+                    raise self._diverged(t, epoch, f"the loss became {loss.item()}")
+                # every rank must take every step (DDP's backward is a collective): note it,
+                # agree at the end of the epoch; this epoch is never committed
+                bad = loss.item() if bad is None else bad
             loss.backward()
             optimizer.step()
             total += loss.item() * len(y)
             seen += len(y)
+        if dist.active:
+            ranks = dist.gather((total, seen, bad))
+            total, seen = sum(r[0] for r in ranks), sum(r[1] for r in ranks)
+            bad = next((r[2] for r in ranks if r[2] is not None), None)
+            if bad is not None:
+                raise self._diverged(t, epoch, f"the loss became {bad}")
         penalty = float(optimizer.penalty())
         if not math.isfinite(penalty):
             raise self._diverged(t, epoch, f"the MAS penalty became {penalty}")
@@ -396,8 +442,11 @@ class Trainer:
                 model.head.to(self.device)
             else:
                 model.head = own_head
-            row.append(accuracy(model, make_loader(self.tasks[j].test, cfg["batch_size"]),
-                                self.device))
+            # under torchrun each rank evaluates its share; the counts are summed over ranks
+            loader = fixed_shard(self.tasks[j].test, cfg["batch_size"], self.dist.rank,
+                                 self.dist.world)
+            row.append(accuracy(model, loader, self.device,
+                                self.dist.sum_counts if self.dist.active else None))
         omega = self._importance(model, optimizer, reg_params, t, label)
         if not all(torch.isfinite(o).all() for o in omega.values()):
             raise self._diverged(t, cfg["num_epochs"] - 1, "the importance Omega is not finite")
@@ -408,8 +457,13 @@ class Trainer:
                  "optimizer": None, "scheduler": None,
                  "reg_params": {n: _cpu(d) for n, d in reg_params.items()},
                  "acc_matrix": state["acc_matrix"] + [row], "rng": _rng_state(self.device)}
-        self.run_dir.save_checkpoint(state)
-        self.export(state)
+        with self.dist.step():
+            self.dist.check_same({**state["shared"], **state["heads"][-1], **{
+                f"{n}.{k}": v for n, d in state["reg_params"].items() for k, v in d.items()}},
+                f"the model and importance after task {t + 1}")
+            if self.dist.is_main:
+                self.run_dir.save_checkpoint(state)
+                self.export(state)
         self.progress.log(f"{label} done: accuracy " + " ".join(f"{a:.1f}" for a in row))
         self.hook("after-task")
         return state
@@ -423,15 +477,19 @@ class Trainer:
         method = self.config["method"]
         if method == "finetune":
             return {n: torch.zeros_like(e["omega"]) for n, e in reg_params.items()}
-        if method == "si":
+        if method == "si":  # the same on every rank: DDP makes the gradients and steps equal
             return optimizer.path_integral_omega()
+        # the plain model, never the DDP wrapper (its forward would sync buffers over ranks
+        # whose shards differ in batch count); compute_omega sums over the ranks' shards
         return mas_optim.compute_omega(model, self._importance_batches(t, label),
                                        per_sample=self.config["omega"] == "per-sample",
                                        method="local" if method == "lmas" else "global")
 
     def _importance_batches(self, t: int, label: str) -> Iterator[Any]:
-        """The task's training data in fixed order for the importance pass (on the device)."""
-        loader = make_loader(self.tasks[t].train, self.config["batch_size"])
+        """The task's training data in fixed order for the importance pass (on the device);
+        under torchrun this rank's whole batches of it (``utils.data.fixed_shard``)."""
+        loader = fixed_shard(self.tasks[t].train, self.config["batch_size"], self.dist.rank,
+                             self.dist.world)
         middle = len(loader) // 2
         for i, (x, y) in enumerate(self.progress.bar(loader, f"{label} importance")):
             if i == middle:
@@ -444,12 +502,14 @@ class Trainer:
 
     def _diverged(self, t: int, epoch: int, what: str) -> Diverged:
         cfg = self.config
-        return Diverged(
+        # every check that raises it sees the same values on every rank (parameters, penalty
+        # and Omega are identical under DDP; the losses are gathered first)
+        return everywhere(Diverged(
             f"training diverged on task {t + 1}, epoch {epoch + 1}: {what} with --reg_lambda "
             f"{cfg['reg_lambda']} and --init_lr {cfg['init_lr']} (the penalty step "
             f"2*lr*reg_lambda*Omega is too large for an explicit gradient step); lower --init_lr "
             f"or --reg_lambda and start again with --overwrite. The last good state is kept in "
-            f"{self.run_dir.path(CHECKPOINT)}")
+            f"{self.run_dir.path(CHECKPOINT)}"))
 
     # public files
     def export(self, state: dict[str, Any]) -> None:
@@ -473,68 +533,96 @@ class Trainer:
 
 
 # --- entry point -------------------------------------------------------------------------------
-def _device(use_gpu: bool) -> torch.device:
-    if not use_gpu:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise AppError("--use_gpu: no CUDA GPU is available")
-    return torch.device("cuda")
-
-
-def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
+def run(args: argparse.Namespace, given: dict[str, Any], dist: Dist | None = None) -> int:
+    """The whole run. Under torchrun (``dist.active``) every rank runs this: every rank checks
+    the flags and reads the same committed files (nothing is written before all of them agree
+    that everything is valid), only rank 0 writes and prints, and an error on any rank stops
+    every rank at the next agreement point (``dist.step()``) with that one line and exit 2."""
+    dist = dist or Dist()
     run_dir = RunDir(Path(args.output_dir), CrashHook.from_env())
-    progress = Progress(sys.stdout.isatty())
-    device = _device(args.use_gpu)
-    if args.resume and args.overwrite:
-        raise AppError("give either --resume (continue the run) or --overwrite (start over)")
-    run_dir.prepare(create=False)
-    if args.resume:
-        state = run_dir.load_checkpoint()
+    progress = Progress(sys.stdout.isatty(), quiet=not dist.is_main)
+    device = dist.start(args.use_gpu)  # under torchrun: join the process group
+    with dist.step():  # every rank: check flags, files and data; write nothing
+        if args.resume and args.overwrite:
+            raise AppError("give either --resume (continue the run) or --overwrite (start over)")
+        run_dir.prepare(create=False)
+        if args.resume:
+            state = run_dir.load_checkpoint()
+            if state is None:
+                raise AppError(f"--resume: nothing to resume in {run_dir.root} (no {CHECKPOINT})")
+            missing = [k for k in CONFIG_KEYS if k not in state["config"]]
+            if missing:
+                raise AppError(f"{run_dir.path(CHECKPOINT)}: settings missing "
+                               f"({', '.join(missing)})")
+            config = resume_config(state["config"], given, run_dir.root)
+            run_dir.check_saved_files(state)
+        else:
+            config = resolve_config(args)
+            if run_dir.path(CHECKPOINT).exists() and not args.overwrite:
+                raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume "
+                               "to continue it, --overwrite to start over, or pick another "
+                               "--output_dir")
+            state = None
+        tasks = load_tasks(config)
+        if state is not None and ([t.name for t in tasks] != state["tasks"]
+                                  or [t.classes for t in tasks] != state["classes"]):
+            raise AppError(f"--resume: the tasks found now differ from those of the run in "
+                           f"{run_dir.root} ({', '.join(map(str, state['tasks']))})")
+        trainer = Trainer(config, tasks, run_dir, device, progress, dist)
+        resumed = state is not None
         if state is None:
-            raise AppError(f"--resume: nothing to resume in {run_dir.root} (no {CHECKPOINT})")
-        missing = [k for k in CONFIG_KEYS if k not in state["config"]]
-        if missing:
-            raise AppError(f"{run_dir.path(CHECKPOINT)}: settings missing ({', '.join(missing)})")
-        config = resume_config(state["config"], given, run_dir.root)
-        run_dir.check_saved_files(state)
-    else:
-        config = resolve_config(args)
-        if run_dir.path(CHECKPOINT).exists() and not args.overwrite:
-            raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume "
-                           "to continue it, --overwrite to start over, or pick another "
-                           "--output_dir")
-        state = None
-    tasks = load_tasks(config)
-    if state is not None and ([t.name for t in tasks] != state["tasks"]
-                              or [t.classes for t in tasks] != state["classes"]):
-        raise AppError(f"--resume: the tasks found now differ from those of the run in "
-                       f"{run_dir.root} ({', '.join(map(str, state['tasks']))})")
-    trainer = Trainer(config, tasks, run_dir, device, progress)
-    if state is None:
-        # only now, with data and model known to be good, is anything on disk touched
-        state = trainer.initial_state()
-        run_dir.prepare(create=True)
-        run_dir.clear()
-        run_dir.save_checkpoint(state)
-    else:
-        run_dir.remove_stale_temp_files()
-    doc = trainer.run(state, resumed=args.resume)
-    print(report(doc))
-    print(f"Saved in {run_dir.root}/: {SHARED}, reg_params.pickle, Task_k/, {RESULTS}, {PLOT}")
+            state = trainer.initial_state()  # every rank: the same, from --seed
+    with dist.step():  # rank 0 writes; the others wait for it
+        if dist.is_main:
+            if not resumed:
+                # only now, with data and model known to be good, is anything on disk touched
+                run_dir.prepare(create=True)
+                run_dir.clear()
+                run_dir.save_checkpoint(state)
+            else:
+                run_dir.remove_stale_temp_files()
+    if dist.active and dist.is_main and config["batch_size"] % dist.world:
+        per_rank = math.ceil(config["batch_size"] / dist.world)
+        progress.log(f"note: --batch_size {config['batch_size']} over {dist.world} processes: "
+                     f"{per_rank} per process, {per_rank * dist.world} per step")
+    doc = trainer.run(state, resumed=resumed)
+    if dist.is_main:
+        print(report(doc))
+        print(f"Saved in {run_dir.root}/: {SHARED}, reg_params.pickle, Task_k/, {RESULTS}, "
+              f"{PLOT}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and run; input and file problems -> one line on stderr, exit code 2."""
+    """Parse flags and run; input and file problems -> one line on stderr, exit code 2.
+
+    Under torchrun every rank runs this; only rank 0 prints (flag errors and --help included),
+    and every rank leaves the process group before it exits."""
     try:
-        args, given = parse_flags(sys.argv[1:] if argv is None else list(argv))
-    except SystemExit as stop:  # argparse: --help (0) or a bad flag (2, its line printed)
-        return int(stop.code or 0)
-    try:
-        return run(args, given)
+        dist = Dist.from_env()
     except AppError as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
+    quiet = contextlib.ExitStack()
+    if not dist.is_main:
+        devnull = quiet.enter_context(open(os.devnull, "w"))
+        quiet.enter_context(contextlib.redirect_stdout(devnull))
+        quiet.enter_context(contextlib.redirect_stderr(devnull))
+    with quiet:
+        try:
+            args, given = parse_flags(sys.argv[1:] if argv is None else list(argv))
+        except SystemExit as stop:  # argparse: --help (0) or a bad flag (2, its line printed)
+            return int(stop.code or 0)
+    try:
+        return run(args, given, dist)
+    except AppError as exc:
+        if dist.is_main or not is_everywhere(exc):  # an error one rank alone saw: it says so
+            where = "" if dist.is_main else f"(rank {dist.rank}) "
+            print(f"train.py: error: {where}{exc}", file=sys.stderr, flush=True)
+        dist.after_error(exc)
+        return 2
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

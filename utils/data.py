@@ -6,6 +6,7 @@ Every task is a classification problem with its own label space (0..C-1) and its
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,3 +207,52 @@ def image_folder_tasks(data_dir: str, image_size: int) -> list[Task]:
         tasks.append(Task(task_dir.name, list(index), ImageFiles(train, train_tf),
                           ImageFiles(test, test_tf)))
     return tasks
+
+
+# --- sharding over torchrun processes ----------------------------------------------------------
+def _loader(dataset: Dataset, batch_sampler: list[list[int]]) -> DataLoader:
+    # a private generator: the loader must not draw its base seed from the global RNG
+    return DataLoader(dataset, batch_sampler=batch_sampler,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def train_shard(dataset: Dataset, batch_size: int, shuffle_seed: int, rank: int,
+                world: int) -> DataLoader:
+    """This process's share of one training epoch, as ``DistributedSampler`` shards it.
+
+    The epoch's order is the permutation ``make_loader(dataset, batch_size, shuffle_seed)``
+    visits (from a generator seeded with ``shuffle_seed``, a pure function of (seed, task,
+    epoch)); it is padded by repeating its start up to a multiple of
+    ``world`` (DistributedSampler's ``drop_last=False``) and process ``rank`` takes every
+    ``world``-th index from position ``rank``. Every process then has the same number of
+    samples and of batches (DDP needs the same number of steps on every rank). Batches hold
+    ``ceil(batch_size / world)`` samples, so one step over all processes sees
+    ``batch_size`` samples when ``world`` divides it: exactly the samples of one
+    single-process batch. With ``world == 1`` this is ``make_loader`` itself.
+    """
+    if world == 1:
+        return make_loader(dataset, batch_size, shuffle_seed)
+    n = len(dataset)  # type: ignore[arg-type]
+    # the very order make_loader visits (read from it: the DataLoader draws its base seed from
+    # the generator before the sampler's randperm)
+    order = next(iter(make_loader(list(range(n)), max(n, 1), shuffle_seed))).tolist() if n else []
+    total = math.ceil(n / world) * world
+    while len(order) < total:  # pad as DistributedSampler does (n < world repeats it more)
+        order += order[:total - len(order)]
+    mine = order[rank::world]
+    per_rank = math.ceil(batch_size / world)
+    return _loader(dataset, [mine[i:i + per_rank] for i in range(0, len(mine), per_rank)])
+
+
+def fixed_shard(dataset: Dataset, batch_size: int, rank: int, world: int) -> DataLoader:
+    """This process's share of the data in fixed order (evaluation, importance): the batches of
+    ``make_loader(dataset, batch_size)``, dealt out whole, round robin (batch i to process
+    i mod world). No padding: every sample is seen exactly once over all processes, so counts
+    and sums reduced over the processes equal those of one process (also for the importance's
+    batch formula, which depends on how samples are grouped). With ``world == 1`` this is
+    ``make_loader`` itself."""
+    if world == 1:
+        return make_loader(dataset, batch_size)
+    n = len(dataset)  # type: ignore[arg-type]
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    return _loader(dataset, batches[rank::world])

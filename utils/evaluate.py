@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,8 +16,12 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy in percent; the model's train/eval mode is restored afterwards."""
+def accuracy(model: nn.Module, loader: DataLoader, device: torch.device,
+             reduce: Callable[[int, int], tuple[int, ...]] | None = None) -> float:
+    """Top-1 accuracy in percent; the model's train/eval mode is restored afterwards.
+
+    ``reduce`` (under torchrun: a sum over processes, each with its shard of the test set)
+    turns this process's (correct, total) counts into those of the whole test set."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -26,6 +30,8 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
         correct += int((pred.cpu() == y).sum())
         total += len(y)
     model.train(was_training)
+    if reduce is not None:
+        correct, total = reduce(correct, total)
     return round(100.0 * correct / max(total, 1), 4)
 
 
