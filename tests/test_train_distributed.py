@@ -183,3 +183,68 @@ def test_torchrun_divergence_stops_every_rank(tmp_path):
     assert exit_codes(done.stderr) == {0: "2", 1: "2"}, done.stderr[-3000:]
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["task"] == 1 and not (out / "Task_2").exists()
+
+
+def test_torchrun_si_path_integral_is_the_same_on_every_rank(tmp_path):
+    """SI's importance is not reduced: DDP's averaged gradient and identical steps make it the
+    same everywhere. After every task the ranks compare a hash of the weights and reg_params
+    and refuse to commit on a difference, so a finished run is the check."""
+    out = tmp_path / "m"
+    done = torchrun(["--method", "si", "--num_epochs", "1", "--hidden", "16"], out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reg_params = mas_optim.load_reg_params(out / "reg_params.pickle")
+    assert any(float(entry["omega"].sum()) > 0 for entry in reg_params.values())
+
+
+# --- the agreement points themselves (utils.distributed.Dist), 2 spawned gloo processes --------
+def _agreement_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from utils import AppError
+    from utils.distributed import Dist, is_everywhere
+
+    d = Dist.from_env()
+    d.start(use_gpu=False)
+    seen = []
+    try:
+        try:  # an error on rank 1 only ends the block on both ranks, with rank 1's message
+            with d.step():
+                if rank == 1:
+                    raise AppError("only rank 1 saw this")
+        except AppError as exc:
+            seen.append(f"{is_everywhere(exc)}:{exc}")
+        d.check_same({"w": torch.ones(3)}, "w")  # equal: passes
+        try:
+            d.check_same({"w": torch.ones(3) * (1 + rank)}, "w")
+        except AppError as exc:
+            seen.append(f"{is_everywhere(exc)}:{exc}")
+        seen.append(str(d.sum_counts(rank + 1, 10)))
+    finally:
+        d.close()
+    Path(out, f"rank{rank}.txt").write_text("\n".join(seen))
+
+
+def test_agreement_points_raise_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_agreement_worker, args=(port, str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 90
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "the agreement workers hang"
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    for rank in (0, 1):
+        lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert lines[0] == "True:(on rank 1) only rank 1 saw this"
+        assert lines[1].startswith("True:the 2 processes disagree on w")
+        assert lines[2] == "(3, 20)"

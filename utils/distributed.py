@@ -192,9 +192,10 @@ class Dist:
             digest.update(name.encode())
             digest.update(t.view(torch.uint8).numpy().tobytes())
         digests = self.gather(digest.hexdigest())
-        if len(set(digests)) != 1:
-            raise AppError(f"the {self.world} processes disagree on {what} (they should be "
-                           f"bit-identical under DistributedDataParallel); nothing was committed")
+        if len(set(digests)) != 1:  # every rank sees all digests: every rank raises
+            raise everywhere(AppError(
+                f"the {self.world} processes disagree on {what} (they should be bit-identical "
+                f"under DistributedDataParallel); nothing was committed"))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model to train through: DistributedDataParallel under torchrun, else itself."""
