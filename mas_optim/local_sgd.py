@@ -13,7 +13,7 @@ through autograd: the training graph stays as small as plain SGD's.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -21,9 +21,11 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from .reg_params import RegParams
 
-# On the CPU, large regularised parameters are updated in slices of this many elements, so that
-# every pass of the update after the first reads θ and the momentum buffer from cache.
+# On the CPU, regularised parameters of more than _SLICE_ABOVE elements are updated in slices of
+# _CHUNK elements, so that every pass of the update after the first reads θ and the momentum
+# buffer from cache. Smaller ones already fit in the last-level cache: slicing only adds calls.
 _CHUNK = 1 << 18
+_SLICE_ABOVE = 1 << 20
 
 
 class LocalSgd(torch.optim.SGD):
@@ -289,15 +291,14 @@ def _check_reg_lambda(reg_lambda) -> None:
 
 # ---------------------------------------------------------------------- functional core
 
-def _slices(*tensors: Tensor) -> Iterator[Tuple[Tensor, ...]]:
-    """Yield matching cache-sized slices of same-shaped tensors (the whole tensors if they can't
-    be viewed flat or are not on the CPU, where slicing buys nothing)."""
+def _slices(*tensors: Tensor) -> Iterable[Tuple[Tensor, ...]]:
+    """Matching cache-sized slices of same-shaped tensors (the whole tensors if they are small,
+    can't be viewed flat, or are not on the CPU, where slicing buys nothing)."""
     first = tensors[0]
-    if (first.device.type != "cpu" or first.numel() <= _CHUNK
+    if (first.numel() <= _SLICE_ABOVE or first.device.type != "cpu"
             or not all(t.is_contiguous() for t in tensors)):
-        yield tensors
-        return
-    yield from zip(*(t.view(-1).split(_CHUNK) for t in tensors))
+        return (tensors,)
+    return zip(*(t.view(-1).split(_CHUNK) for t in tensors))
 
 
 def _mas_sgd_(

@@ -104,6 +104,7 @@ def test_penalty_changes_the_trajectory():
 
 def test_large_parameters_are_updated_slice_by_slice(monkeypatch):
     monkeypatch.setattr(local_sgd_module, "_CHUNK", 7)  # forces many slices on every tensor
+    monkeypatch.setattr(local_sgd_module, "_SLICE_ABOVE", 7)
     for hp in (dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
                dict(lr=0.05)):
         ref, ours = run_pair(hp)
