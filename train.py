@@ -9,7 +9,7 @@ task's training data (``mas_optim.compute_omega``, Eq. 2), fold it into reg_para
 Under ``torchrun --standalone --nproc_per_node N train.py ...`` it trains data-parallel
 (DistributedDataParallel, gloo on CPUs, NCCL with --use_gpu); only rank 0 writes and prints.
 
-Run ``python train.py --help`` for the flags; ``docs/train.md`` describes outputs and numbers
+Run ``python train.py --help`` for the flags; README.md describes outputs and numbers
 (its section "Running distributed" the torchrun details).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ LR_STEP_EPOCHS = 20  # the original decays the learning rate x0.1 every 20 epoch
 LR_GAMMA = 0.1
 MOMENTUM = 0.9
 # Per-benchmark defaults (None on the command line = take these). The digits settings were
-# tuned by running fine-tuning (--reg_lambda 0) against MAS; see docs/train.md for the numbers.
+# tuned by running fine-tuning (--reg_lambda 0) against MAS; see README.md for the numbers.
 # "folders" keeps the original repository's defaults (batch 8, 10 epochs, lr 1e-3, lambda 0.01).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "split-digits": dict(num_epochs=20, batch_size=16, init_lr=0.05, reg_lambda=0.1,
