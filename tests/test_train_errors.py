@@ -238,3 +238,30 @@ def test_non_finite_reg_params_file_is_refused(stopped_run, tmp_path, capsys):
     before = snapshot(out)
     fails(capsys, [*FAST, "--resume"], out, "reg_params.pickle", "NaN or Inf")
     assert snapshot(out) == before
+
+
+def test_disk_full_is_one_line_and_resume_finishes_the_run(tmp_path, capsys, monkeypatch):
+    import json
+
+    import mas_optim
+
+    args = [*FAST, "--num_epochs", "1"]
+    assert run_main(args, tmp_path / "whole") == 0
+    real, calls = mas_optim.atomic_write, []
+
+    def fills_up(path, data, **kwargs):  # the disk fills up in the middle of the run
+        calls.append(path)
+        if len(calls) >= 12:
+            raise OSError(28, "No space left on device")
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(mas_optim, "atomic_write", fills_up)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    line = fails(capsys, args, out, "cannot write", "No space left on device", "--resume")
+    assert str(out) in line
+    monkeypatch.setattr(mas_optim, "atomic_write", real)
+    assert run_main([*args, "--resume"], out) == 0
+    done = json.loads((out / "results.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert done["acc_matrix"] == whole["acc_matrix"]

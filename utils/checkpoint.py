@@ -14,13 +14,14 @@ naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import signal
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -171,8 +172,9 @@ class RunDir:
                 return
         except OSError:
             pass  # missing or unreadable: write it
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mas_optim.atomic_write(path, data, before_replace=lambda: self.hook(f"write:{rel}"))
+        with _write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mas_optim.atomic_write(path, data, before_replace=lambda: self.hook(f"write:{rel}"))
 
     def write_reg_params(self, reg_params: dict[str, dict[str, torch.Tensor]]) -> None:
         """Save reg_params with the library's own (atomic) writer unless the file holds them."""
@@ -183,8 +185,9 @@ class RunDir:
                     return
             except mas_optim.RegParamsError:
                 pass  # checked before anything is written; here it is just to be replaced
-        mas_optim.save_reg_params(reg_params, path,
-                                  before_replace=lambda: self.hook(f"write:{REG_PARAMS}"))
+        with _write_errors(path):
+            mas_optim.save_reg_params(reg_params, path,
+                                      before_replace=lambda: self.hook(f"write:{REG_PARAMS}"))
 
     # --- the checkpoint -------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
@@ -267,3 +270,14 @@ def _structure_problem(state: Any) -> str | None:
         if tensors.is_floating_point() and not torch.isfinite(tensors).all():
             return f"{name} holds NaN or Inf"
     return None
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A failed write (disk full, no permission) is one line naming the file; atomic_write has
+    left the previous version of the file, and so the last committed state, as it was."""
+    try:
+        yield
+    except OSError as exc:
+        raise AppError(f"{path}: cannot write: {exc.strerror or exc} (the last committed state "
+                       "on disk is intact; free space or fix permissions, then --resume)") from None
