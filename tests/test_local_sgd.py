@@ -38,6 +38,15 @@ def batches(n, seed=2):
             for _ in range(n)]
 
 
+def train(pairs, data):
+    """A step of cross-entropy for each (model, optimizer) pair on each batch."""
+    for x, y in data:
+        for model, opt in pairs:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+
 def run_pair(hp, lam=0.7, steps=6, skip=(), sign=1.0):
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref, skip=skip)
@@ -93,11 +102,7 @@ def test_penalty_changes_the_trajectory():
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.05)
     opt = LocalSgd(ours.named_parameters(), reg_params=random_reg_params(ours), reg_lambda=1.0,
                    lr=0.05)
-    for x, y in batches(2):
-        for o, m in ((opt_plain, plain), (opt, ours)):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
+    train([(plain, opt_plain), (ours, opt)], batches(2))
     assert max((a - b).abs().max().item()
                for a, b in zip(plain.parameters(), ours.parameters())) > 1e-3
 
@@ -154,21 +159,14 @@ def test_state_dict_round_trip_continues_identically():
     reg = random_reg_params(a)
     opt_a = LocalSgd(a.named_parameters(), reg_params=reg, reg_lambda=0.3, **hp)
     data = batches(6)
-    for x, y in data[:3]:
-        opt_a.zero_grad()
-        nn.functional.cross_entropy(a(x), y).backward()
-        opt_a.step()
+    train([(a, opt_a)], data[:3])
     b.load_state_dict(a.state_dict())
     sd = copy.deepcopy(opt_a.state_dict())
     assert sd["param_groups"][0]["reg_lambda"] == 0.3
     opt_b = LocalSgd(b.named_parameters(), reg_params=reg, reg_lambda=0.0, lr=1.0)
     opt_b.load_state_dict(sd)
     assert opt_b.param_groups[0]["reg_lambda"] == 0.3 and opt_b.param_groups[0]["lr"] == 0.05
-    for x, y in data[3:]:
-        for m, o in ((a, opt_a), (b, opt_b)):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
+    train([(a, opt_a), (b, opt_b)], data[3:])
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
 
@@ -267,11 +265,7 @@ def test_zero_omega_equals_plain_sgd_bitwise():
         opt_ref = torch.optim.SGD(ref.parameters(), **hp)
         opt = LocalSgd(ours.named_parameters(), reg_params=mas_optim.init_reg_params(ours),
                        reg_lambda=1.0, **hp)
-        for x, y in batches(4):
-            for m, o in ((ref, opt_ref), (ours, opt)):
-                o.zero_grad()
-                nn.functional.cross_entropy(m(x), y).backward()
-                o.step()
+        train([(ref, opt_ref), (ours, opt)], batches(4))
         for a, b in zip(ref.parameters(), ours.parameters()):
             assert (a - b).abs().max().item() <= 1e-6
 
@@ -313,20 +307,13 @@ def test_swapped_in_mid_training_from_torch_sgd_state():
     ref, ours = make_mlp(), make_mlp()
     opt_ref = torch.optim.SGD(ref.parameters(), **hp)
     data = batches(5)
-    for x, y in data[:2]:
-        opt_ref.zero_grad()
-        nn.functional.cross_entropy(ref(x), y).backward()
-        opt_ref.step()
+    train([(ref, opt_ref)], data[:2])
     ours.load_state_dict(ref.state_dict())
     opt = LocalSgd(ours.named_parameters(), reg_params=mas_optim.init_reg_params(ours),
                    reg_lambda=0.3, lr=1.0)
     opt.load_state_dict(copy.deepcopy(opt_ref.state_dict()))
     assert opt.param_groups[0]["reg_lambda"] == 0.3 and opt.param_groups[0]["lr"] == 0.05
-    for x, y in data[2:]:
-        for m, o in ((ref, opt_ref), (ours, opt)):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
+    train([(ref, opt_ref), (ours, opt)], data[2:])
     for a, b in zip(ref.parameters(), ours.parameters()):
         assert (a - b).abs().max().item() <= 1e-6
 
