@@ -13,7 +13,7 @@ through autograd: the training graph stays as small as plain SGD's.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor

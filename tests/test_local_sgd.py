@@ -1,7 +1,6 @@
 """LocalSgd against its definition: torch SGD on loss + λ Σ Ω (θ − θ*)² through autograd."""
 
 import copy
-import itertools
 
 import pytest
 import torch
