@@ -1,0 +1,215 @@
+r"""MAS on sharded parameters (FSDP2 ``fully_shard``): Ω and θ* sharded like the parameters.
+
+Under ``torch.distributed.fsdp.fully_shard`` every parameter is a ``DTensor``: each rank holds
+one slice (``p.to_local()``), placed by the parameter's device mesh and placements (``Shard(0)``
+for FSDP). MAS keeps two parameter-sized tensors per regularised parameter, Ω and θ*; here they
+are ``DTensor``\ s with exactly the parameter's mesh and placements, so each rank holds the slice
+of Ω and θ* that matches its slice of θ:
+
+* the penalty λ Σ Ω (θ − θ*)² (Eq. 3) and its gradient 2λΩ(θ − θ*) are elementwise, so an
+  optimizer step runs on the local slices alone, with no communication;
+* :func:`compute_omega_sharded` gives each rank only its slice of Ω (Eq. 2 over the data of all
+  ranks, reduce-scattered);
+* :func:`full_reg_params` gathers the slices to full tensors, the form ``reg_params.pickle``
+  stores, so a file is independent of the number of ranks that wrote it, and
+  :func:`shard_reg_params_like` cuts a loaded file to this rank's slices without communication.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Partial, distribute_tensor
+
+from .reg_params import RegParams
+
+__all__ = ["compute_omega_sharded", "full_reg_params", "is_sharded", "shard_reg_params_like"]
+
+
+def is_sharded(t: Any) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter sharded by ``fully_shard``, or a reg_params
+    tensor placed like one)."""
+    return isinstance(t, DTensor)
+
+
+def full_reg_params(reg_params: RegParams) -> RegParams:
+    """Full, plain CPU tensors for the ``DTensor`` entries of ``reg_params``; others as they are.
+
+    Collective: every rank must call it, with the same names in the same order (as
+    :func:`mas_optim.init_reg_params` builds them on every rank). Each ``DTensor`` is gathered
+    one at a time, so beyond the result only one full tensor is in flight. ``reg_params`` is not
+    modified; a new dict is returned.
+    """
+    return {
+        name: {key: _full_cpu(t) if is_sharded(t) else t for key, t in entry.items()}
+        for name, entry in reg_params.items()
+    }
+
+
+def _full_cpu(t: DTensor) -> Tensor:
+    return t.full_tensor().cpu()
+
+
+def shard_reg_params_like(reg_params: RegParams, model: nn.Module) -> RegParams:
+    """This rank's slices of full reg_params, placed like ``model``'s sharded parameters.
+
+    For every name whose parameter in ``model`` is a ``DTensor``, the entry's full tensors
+    become ``DTensor``\\ s on that parameter's device mesh with its placements (each rank keeps
+    its slice of its own copy: no communication, so every rank must hold the same full tensors,
+    as every rank that loaded the same file does). Other entries are returned unchanged.
+    ``reg_params`` is not modified; a new dict is returned.
+
+    Raises:
+        ValueError: a full tensor's shape differs from its parameter's (global) shape.
+    """
+    named = dict(model.named_parameters())
+    out: RegParams = {}
+    for name, entry in reg_params.items():
+        p = named.get(name)
+        if not is_sharded(p):
+            out[name] = entry
+            continue
+        sharded = {}
+        for key, t in entry.items():
+            if is_sharded(t):
+                if t.device_mesh != p.device_mesh or t.placements != p.placements:
+                    raise ValueError(f"reg_params[{name!r}][{key!r}] is already sharded, "
+                                     "but not like its parameter; pass full tensors")
+                sharded[key] = t
+                continue
+            if t.shape != p.shape:
+                raise ValueError(f"reg_params[{name!r}][{key!r}] has shape {tuple(t.shape)}, "
+                                 f"the parameter's (global) shape is {tuple(p.shape)}")
+            # src_data_rank=None: every rank slices its own full copy, nothing is sent.
+            sharded[key] = distribute_tensor(t.detach(), p.device_mesh, p.placements,
+                                             src_data_rank=None)
+        out[name] = sharded
+    return out
+
+
+def compute_omega_sharded(model: nn.Module, loader: Iterable, **kwargs: Any) -> Dict[str, Tensor]:
+    r"""Ω (paper Eq. 2) of a model sharded by ``fully_shard``, each rank keeping its slice.
+
+    .. math::
+        \Omega = \frac{1}{\sum_r N_r} \sum_r \sum_{k \in \mathcal{D}_r}
+            \left| \frac{\partial \lVert F(x_k) \rVert_2^2}{\partial \theta} \right|
+
+    Every rank passes its own part :math:`\mathcal{D}_r` of the data (any number of batches
+    and samples, also none). Each rank sums the per-sample magnitudes over its part
+    (:func:`mas_optim.importance.omega_sums`), the sums are reduce-scattered to the
+    parameters' placements (each rank receives only its slice of the total) and divided by
+    the sample count summed over the ranks. Parameters that are not sharded get the
+    all-reduced total, as :func:`mas_optim.compute_omega` gives them.
+
+    The pass needs every parameter whole. FSDP all-gathers a module's parameters at each of
+    its forwards, a collective that would hang when ranks run different numbers of forwards
+    (different batch counts, or a per-sample path that runs one forward per sample). So the
+    whole model is all-gathered once before the pass and FSDP is told not to reshard or
+    reduce until it ends: the pass itself runs no collective. The price is one full copy of
+    the parameters and of the fp32 sums on every rank for the duration of the pass; the
+    parameters are resharded (and FSDP's settings restored) afterwards.
+
+    Args:
+        model: the ``fully_shard``-ed network F (its root or any module holding all
+            parameters), in the same state on every rank.
+        loader: this rank's batches, as for :func:`mas_optim.compute_omega`.
+        **kwargs: ``per_sample``, ``method``, ... as for :func:`mas_optim.compute_omega`.
+
+    Returns:
+        ``{name: Ω}`` for every parameter with ``requires_grad``; a ``DTensor`` with the
+        parameter's device mesh and placements where the parameter is one.
+
+    Collective: every rank of the parameters' meshes (the whole default process group) must
+    call it.
+    """
+    # Imported here: importance.compute_omega dispatches to this module for sharded models.
+    from .importance import omega_sums
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("compute_omega_sharded needs an initialised torch.distributed "
+                           "process group (the model's parameters are sharded over ranks)")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("compute_omega: the model has no trainable parameters")
+    world = dist.get_world_size()
+    for name, p in params.items():
+        if is_sharded(p) and p.device_mesh.size() != world:
+            raise ValueError(
+                f"compute_omega_sharded: parameter {name!r} is sharded over {p.device_mesh.size()} "
+                f"ranks, the process group has {world}; every rank that passes data must hold a "
+                "slice of each parameter (FSDP/HSDP over all ranks)")
+    device = next(iter(params.values())).device
+
+    with _whole_parameters(model):
+        sums, count = omega_sums(model, loader, **kwargs)
+    # The count rides in the same dtype on every rank; uneven parts give the true mean.
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    n = int(total.item())
+    if n == 0:
+        raise ValueError("compute_omega: the loader yielded no samples (on any rank)")
+
+    omega: Dict[str, Tensor] = {}
+    for name, p in params.items():   # the same order on every rank: collectives pair up
+        s = sums.pop(name)           # freed as soon as its slice exists
+        if is_sharded(p):
+            mesh = p.device_mesh
+            # Every rank's sum is a partial of the total on every mesh dimension; going to the
+            # parameter's placements is a reduce-scatter (Shard) or all-reduce (Replicate).
+            s = DTensor.from_local(s.to(device), mesh, [Partial()] * mesh.ndim,
+                                   run_check=False).redistribute(mesh, p.placements)
+        else:
+            dist.all_reduce(s)
+        omega[name] = (s / n).to(p.dtype)   # Eq. 2: the mean over all ranks' samples
+    return omega
+
+
+@contextmanager
+def _whole_parameters(model: nn.Module) -> Iterator[None]:
+    """Every FSDP module of ``model`` unsharded (one all-gather each) and shown with its own
+    class; no reshard or gradient reduction, hence no collective, until the block ends. Then
+    everything is put back as it was, parameters resharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # FSDP fixes a root's settings at its first forward; fix them now, so that the values saved
+    # below are the ones training runs with.
+    for m in modules:
+        m._get_fsdp_state()._lazy_init()
+    # FSDP has setters for these settings but no getters: save the attributes the setters
+    # write, to put back exactly what the user (or FSDP's defaults) chose.
+    # fully_shard([a, b]) gives several modules one state: each state once.
+    states = list({id(s): s for s in (m._get_fsdp_state() for m in modules)}.values())
+    groups = [g for state in states for g in state._fsdp_param_groups]
+    saved_auto = [state._auto_reshard_after_forward for state in states]
+    saved = [(g.post_forward_mesh_info, g.reshard_after_backward, g.reduce_grads,
+              g.all_reduce_grads) for g in groups]
+    # fully_shard swaps a module's class for FSDP<class>, a subclass with the same forward. The
+    # importance engine picks its exact rules by exact type (a subclass may change forward), so
+    # for the pass each module shows its own class; FSDP's hooks belong to the module, not to
+    # the class, and keep running.
+    classes = [(m, type(m)) for m in modules]
+    try:
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.set_reshard_after_backward(False, recurse=False)
+            m.set_requires_gradient_sync(False, recurse=False)
+            m.unshard()
+        for m, cls in classes:
+            m.__class__ = cls.__mro__[cls.__mro__.index(FSDPModule) + 1]
+        yield
+    finally:
+        for m, cls in classes:
+            m.__class__ = cls
+        for g, (mesh_info, after_backward, reduce, all_reduce) in zip(groups, saved):
+            g.post_forward_mesh_info = mesh_info
+            g.reshard_after_backward = after_backward
+            g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
+        for state, auto in zip(states, saved_auto):
+            state._auto_reshard_after_forward = auto
+        for m in modules:
+            m.reshard()
