@@ -12,13 +12,14 @@ through autograd: the training graph stays as small as plain SGD's.
 
 from __future__ import annotations
 
-import math
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as _torch_sgd
 
+from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, local
 from .reg_params import RegParams
 
 # On the CPU, regularised parameters of more than _SLICE_ABOVE elements are updated in slices of
@@ -26,6 +27,8 @@ from .reg_params import RegParams
 # buffer from cache. Smaller ones already fit in the last-level cache: slicing only adds calls.
 _CHUNK = 1 << 18
 _SLICE_ABOVE = 1 << 20
+_MAS_KEYS = ("reg_lambda", "proximal")
+_NAME_PREFIXES = ("module.", "_orig_mod.")  # added by DDP / DataParallel and torch.compile
 
 
 class LocalSgd(torch.optim.SGD):
@@ -40,8 +43,9 @@ class LocalSgd(torch.optim.SGD):
         \theta_t &= \theta_{t-1} - \gamma\,(d_t + \mu b_t \text{ if nesterov else } b_t)
 
     which is exactly ``torch.optim.SGD`` on the loss plus the penalty. ``maximize`` negates only
-    the task gradient: the penalty always pulls θ back toward θ*. Parameters without an entry
-    (a task head, say) get torch's own SGD update.
+    the task gradient: the penalty always pulls θ back toward θ*. Every other parameter gets
+    torch's own SGD update: one without an entry (a task head, say) and one without a name (added
+    to ``param_groups[i]["params"]`` by a dynamic-model loop such as Avalanche's).
 
     With ``proximal=True`` the step is torch's SGD on the task gradient alone, followed by the
     exact proximal map of γλΣΩ(θ−θ*)²:  θ ← θ* + (θ − θ*) / (1 + 2γλΩ). The explicit step
@@ -52,15 +56,28 @@ class LocalSgd(torch.optim.SGD):
     w ← w − g ⊙ Δθ at every step (g: the task gradient, Δθ: the change the step made); see
     :meth:`path_integral_omega`.
 
+    Three implementations of the same update, chosen like torch's SGD chooses:
+    ``fused=True`` runs one ``torch.compile``'d pass per parameter that reads θ, g, b, Ω, θ*
+    once (and torch's fused SGD for unregularised parameters); if ``torch.compile`` cannot
+    build it (no C++ compiler, say) one warning says so and the step falls back. ``foreach``
+    (the default on CUDA) runs the multi-tensor ``torch._foreach_*`` kernels; otherwise one
+    parameter at a time, in cache-sized slices on the CPU. The non-fused paths keep 2λΩ and
+    2λΩθ* per regularised parameter (``cache_penalty=True``: fewer passes, two tensors of each
+    parameter's size); ``cache_penalty=False`` or ``fused=True`` hold neither.
+
     Args:
-        params: named parameters, as ``model.named_parameters()`` yields them, or param groups
-            whose ``"params"`` are ``(name, tensor)`` pairs. The names key into ``reg_params``.
+        params: ``model.named_parameters()``, or param groups whose ``"params"`` are
+            ``(name, tensor)`` pairs; the names key into ``reg_params``. Parameters without names
+            are accepted and get torch's SGD update (they have no reg_params entry).
         reg_params: ``{name: {"omega": Ω, "init_val": θ*}}`` from :func:`init_reg_params`,
             :func:`consolidate_reg_params` or :func:`load_reg_params`. ``None``: no penalty.
-        reg_lambda: λ of Eq. 3 (the paper's; Avalanche's ``lambda_reg`` is 2λ). Per group.
-        lr, momentum, dampening, weight_decay, nesterov, maximize: as in torch.optim.SGD.
+        reg_lambda: λ of Eq. 3 (the paper's; Avalanche's ``lambda_reg`` is 2λ). Per group. Any
+            real scalar ≥ 0 (Python, numpy, a 0-dim tensor); a string is refused.
+        lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, fused: as in
+            torch.optim.SGD (``fused``: see above). ``differentiable=True`` is refused.
         proximal: apply the penalty by its proximal map instead of its gradient.
         track_path_integral: accumulate the SI path integral for :meth:`path_integral_omega`.
+        cache_penalty: keep 2λΩ and 2λΩθ* between steps on the non-fused paths.
     """
 
     def __init__(
@@ -75,78 +92,129 @@ class LocalSgd(torch.optim.SGD):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         proximal: bool = False,
         track_path_integral: bool = False,
+        cache_penalty: bool = True,
     ) -> None:
-        _check_reg_lambda(reg_lambda)
-        self._mas_defaults = {"reg_lambda": float(reg_lambda), "proximal": bool(proximal)}
+        if differentiable:
+            raise ValueError("LocalSgd does not support differentiable=True: its step updates "
+                             "the parameters in place outside autograd")
+        self._mas_defaults = {"reg_lambda": as_reg_lambda(reg_lambda),
+                              "proximal": bool(proximal)}
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                         foreach=foreach, fused=fused)
         self.defaults.update(self._mas_defaults)
         self.track_path_integral = bool(track_path_integral)
-        self._penalty_cache: Dict[Tensor, tuple] = {}
+        self.cache_penalty = bool(cache_penalty)
+        self._penalty_cache: Dict[Tensor, _Terms] = {}
+        self._fused_kernel: Optional[Callable] = None
         self._reg_params: RegParams = {}
         self.reg_params = reg_params if reg_params is not None else {}
 
     def add_param_group(self, param_group: dict) -> None:
-        """As torch's, and each group must be named; it may set its own ``reg_lambda``."""
+        """As torch's; the group may set its own ``reg_lambda`` and ``proximal``, and may hold
+        parameters without names (they get torch's SGD update)."""
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        if params is not None and not isinstance(params, (set, list)):
+            params = list(params)
+        if isinstance(params, list):
+            param_group["params"] = params
+            if "param_names" not in param_group and not any(
+                    isinstance(p, tuple) for p in params):
+                # torch refuses to mix named and unnamed groups: None stands for "no name".
+                param_group["param_names"] = [None] * len(params)
+        for key in _MAS_KEYS:
+            param_group.setdefault(key, self._mas_defaults[key])
+        param_group["reg_lambda"] = as_reg_lambda(param_group["reg_lambda"])
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if "param_names" not in group:
-            self.param_groups.pop()
-            raise ValueError(
-                "LocalSgd needs parameter names to find each parameter's reg_params: pass "
-                "model.named_parameters() (or param groups of (name, parameter) pairs)")
-        for key, value in self._mas_defaults.items():
-            group.setdefault(key, value)
-        _check_reg_lambda(group["reg_lambda"])
 
-    def __setstate__(self, state: dict) -> None:
-        # load_state_dict() of a plain SGD state dict: its groups have no reg_lambda/proximal.
+    # ------------------------------------------------------------------ copies and state dicts
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch keeps only defaults/state/param_groups; the penalty needs the rest too.
+        state = super().__getstate__()
+        state.update(_reg_params=self._reg_params, _mas_defaults=self._mas_defaults,
+                     track_path_integral=self.track_path_integral,
+                     cache_penalty=self.cache_penalty)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Fill what an older pickle (or load_state_dict's partial state) lacks; the caches are
+        # rebuilt on the next step.
+        defaults = {"reg_lambda": 0.01, "proximal": False, **self.defaults}
+        self.__dict__.setdefault("_mas_defaults", {k: defaults[k] for k in _MAS_KEYS})
+        self.__dict__.setdefault("_reg_params", {})
+        self.__dict__.setdefault("track_path_integral", False)
+        self.__dict__.setdefault("cache_penalty", True)
+        self._penalty_cache = {}
+        self._fused_kernel = None
         for group in self.param_groups:
-            for key in ("reg_lambda", "proximal"):
-                group.setdefault(key, self.defaults[key])
+            for key in _MAS_KEYS:
+                group.setdefault(key, self._mas_defaults[key])
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As torch's, with two differences that keep the penalty on:
+
+        * the optimizer keeps its own parameter names (they key ``reg_params``). Saved names
+          must be the same up to a leading ``module.`` or ``_orig_mod.`` (DDP, DataParallel,
+          torch.compile); any other difference is a ``ValueError`` naming the parameter.
+        * groups saved without ``reg_lambda``/``proximal`` (a ``torch.optim.SGD`` state dict)
+          keep this optimizer's per-group values.
+        """
+        state_dict = dict(state_dict)
+        saved = state_dict.get("param_groups")
+        if isinstance(saved, list) and len(saved) == len(self.param_groups):
+            groups = []
+            for i, (own, group) in enumerate(zip(self.param_groups, saved)):
+                group = dict(group)
+                _check_same_names(i, group_names(own, i), group.get("param_names"))
+                group["param_names"] = list(own["param_names"])
+                for key in _MAS_KEYS:
+                    group.setdefault(key, own[key])
+                groups.append(group)
+            state_dict["param_groups"] = groups
+        super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ reg_params
 
     @property
     def reg_params(self) -> RegParams:
-        """The ``{name: {"omega", "init_val"}}`` dict the penalty uses (checked on assignment)."""
+        """The ``{name: {"omega", "init_val"}}`` dict the penalty uses (checked on assignment,
+        and again at the step for any entry or parameter that changed)."""
         return self._reg_params
 
     @reg_params.setter
     def reg_params(self, reg_params: Mapping[str, Mapping[str, Tensor]]) -> None:
-        if not isinstance(reg_params, Mapping):
-            raise TypeError(f"reg_params must be a dict keyed by parameter name, got "
-                            f"{type(reg_params).__name__}")
-        named = dict(self._named_params())
-        for name, entry in reg_params.items():
-            if not isinstance(name, str):
-                raise TypeError("reg_params must be keyed by parameter name (str), got a key of "
-                                f"type {type(name).__name__}")
-            if name not in named:
-                continue  # regularised elsewhere; this optimizer does not own it
-            p = named[name]
-            for key in ("omega", "init_val"):
-                t = entry.get(key) if isinstance(entry, Mapping) else None
-                if not isinstance(t, Tensor):
-                    raise TypeError(f"reg_params[{name!r}][{key!r}] must be a tensor")
-                if t.shape != p.shape or t.device != p.device or t.dtype != p.dtype:
-                    raise ValueError(
-                        f"reg_params[{name!r}][{key!r}] is {tuple(t.shape)} {t.dtype} on "
-                        f"{t.device}, the parameter is {tuple(p.shape)} {p.dtype} on {p.device} "
-                        "(load_reg_params(path, model) moves them to the model's device)")
-        if reg_params and not any(name in named for name in reg_params):
-            raise ValueError(
-                "no name in reg_params matches a parameter of this optimizer: e.g. "
-                f"{next(iter(reg_params))!r} vs {next(iter(named), None)!r}. Build reg_params "
-                "from the same module whose named_parameters() you pass here")
+        check_reg_params(reg_params, dict(self._named_params()))
         self._reg_params = reg_params  # type: ignore[assignment]
 
-    def _named_params(self) -> Iterator[Tuple[str, Tensor]]:
-        for group in self.param_groups:
-            yield from zip(group["param_names"], group["params"])
+    def _named_params(self) -> Iterable[Tuple[str, Tensor]]:
+        for i, group in enumerate(self.param_groups):
+            for name, p in zip(group_names(group, i), group["params"]):
+                if name is not None:
+                    yield name, p
+
+    def _terms(self, name: Optional[str], p: Tensor, coef: float) -> Optional["_Terms"]:
+        """The penalty terms of ``p`` (None: no entry), checked whenever the entry or the
+        parameter changed: a replaced tensor, an in-place change, a new λ."""
+        entry = self._reg_params.get(name) if name is not None else None
+        if entry is None:
+            return None
+        omega, init = entry["omega"], entry["init_val"]
+        terms = self._penalty_cache.get(p)
+        key = (coef, omega._version, init._version, tuple(p.shape))
+        if terms is None or terms.key != key or terms.omega is not omega or terms.init is not init:
+            check_entry(name, entry, p)
+            terms = _Terms(key, omega, init, coef, self.cache_penalty)
+            self._penalty_cache[p] = terms
+        return terms
 
     # ------------------------------------------------------------------ step
 
@@ -166,74 +234,101 @@ class LocalSgd(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
-            self._step_group(group)
+        seen = 0
+        for i, group in enumerate(self.param_groups):
+            self._step_group(group, i)
+            seen += len(group["params"])
+        if len(self._penalty_cache) > seen:  # drop terms of parameters that left the optimizer
+            live = {p for group in self.param_groups for p in group["params"]}
+            self._penalty_cache = {p: t for p, t in self._penalty_cache.items() if p in live}
         return loss
 
-    def _step_group(self, group: dict) -> None:
+    def _step_group(self, group: dict, index: int) -> None:
         lr = group["lr"]
         lr = float(lr) if isinstance(lr, Tensor) else lr
-        momentum, coef = group["momentum"], 2.0 * group["reg_lambda"]
-        proximal, track = group["proximal"], self.track_path_integral
+        coef = 2.0 * float(group["reg_lambda"])
+        momentum, proximal, track = group["momentum"], group["proximal"], self.track_path_integral
         plain_p, plain_g, plain_buf = [], [], []
-        regularised = []
-        for name, p in zip(group["param_names"], group["params"]):
+        reg_p, reg_terms = [], []
+        for name, p in zip(group_names(group, index), group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("LocalSgd does not support sparse gradients")
-            state = self.state[p]
+            terms = self._terms(name, p, coef)
             if track:
-                _before_path_step(state, p)
-            entry = self._reg_params.get(name) if coef != 0 else None
-            if entry is None or proximal:
+                _before_path_step(self.state[p], p)
+            if coef == 0:
+                terms = None
+            if terms is None or proximal:
                 plain_p.append(p)
                 plain_g.append(p.grad)
-                plain_buf.append(state.get("momentum_buffer"))
-            if entry is not None:
-                regularised.append((p, state, entry))
+                plain_buf.append(self.state[p].get("momentum_buffer"))
+            if terms is not None:
+                reg_p.append(p)
+                reg_terms.append(terms)
 
         if plain_p:  # torch's own SGD update, unchanged
             _torch_sgd(plain_p, plain_g, plain_buf, weight_decay=group["weight_decay"],
                        momentum=momentum, lr=lr, dampening=group["dampening"],
                        nesterov=group["nesterov"], maximize=group["maximize"],
-                       has_sparse_grad=False, foreach=None, fused=None)
+                       has_sparse_grad=False, foreach=group["foreach"],
+                       fused=group["fused"] or None)
             if momentum != 0:
                 for p, buf in zip(plain_p, plain_buf):
                     self.state[p]["momentum_buffer"] = buf
 
-        for p, state, entry in regularised:
-            if proximal:
-                _proximal_(p, entry["omega"], entry["init_val"], lr * coef)
-                continue
-            slope, offset = self._linear_penalty(p, entry, coef)
-            buf = _mas_sgd_(
-                p, p.grad, state.get("momentum_buffer"), slope, offset, lr=lr,
-                momentum=momentum, dampening=group["dampening"],
-                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                maximize=group["maximize"])
-            if buf is not None:
-                state["momentum_buffer"] = buf
+        if reg_p and proximal:
+            for p, terms in zip(reg_p, reg_terms):
+                _proximal_(local(p), local(terms.omega), local(terms.init), lr * coef)
+        elif reg_p:
+            self._penalised_sgd(group, reg_p, reg_terms, lr)
 
         if track:
             for p in group["params"]:
                 if p.grad is not None:
                     _after_path_step(self.state[p], p)
 
-    def _linear_penalty(self, p: Tensor, entry: Mapping[str, Tensor],
-                        coef: float) -> Tuple[Tensor, Tensor]:
-        """(2λΩ, 2λΩθ*), so that the penalty gradient 2λΩ(θ − θ*) = slope·θ − offset costs one
-        fused multiply-add in the hot loop. Recomputed only when Ω, θ* or λ change (in-place
-        changes bump a tensor's version counter)."""
-        omega, anchor = entry["omega"], entry["init_val"]
-        key = (coef, omega._version, anchor._version)
-        cached = self._penalty_cache.get(p)
-        # The identity checks catch a replaced tensor (a new one may start at the same version).
-        if cached is None or cached[0] != key or cached[3] is not omega or cached[4] is not anchor:
-            slope = omega.mul(coef)
-            cached = (key, slope, slope.mul(anchor), omega, anchor)
-            self._penalty_cache[p] = cached
-        return cached[1], cached[2]
+    def _penalised_sgd(self, group: dict, params: List[Tensor], terms: List["_Terms"],
+                       lr: float) -> None:
+        momentum = group["momentum"]
+        bufs: List[Optional[Tensor]] = [self.state[p].get("momentum_buffer") for p in params]
+        hyper = dict(lr=lr, momentum=momentum, dampening=group["dampening"],
+                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                     maximize=group["maximize"])
+        if momentum != 0 and any(b is None for b in bufs):
+            # First step of a parameter: b_1 = d_1, i.e. b_0 = 0 without dampening. Buffers are
+            # created like the parameter (a DTensor for a sharded one), so state dicts see what
+            # torch's SGD would save.
+            fresh = [i for i, b in enumerate(bufs) if b is None]
+            for i in fresh:
+                bufs[i] = self.state[params[i]]["momentum_buffer"] = torch.zeros_like(params[i])
+            _single_tensor_mas_sgd([params[i] for i in fresh], [bufs[i] for i in fresh],
+                                   [terms[i] for i in fresh], **dict(hyper, dampening=0.0))
+            kept = [i for i in range(len(params)) if i not in set(fresh)]
+            params, bufs, terms = ([xs[i] for i in kept] for xs in (params, bufs, terms))
+            if not params:
+                return
+        if group["fused"]:
+            if self._fused_kernel is None:
+                self._fused_kernel = _compile_fused_kernel()
+            if self._fused_kernel is not False:
+                try:
+                    _fused_mas_sgd(self._fused_kernel, params, bufs, terms, **hyper)
+                    return
+                except Exception as e:  # noqa: BLE001 - any compiler failure falls back
+                    self._fused_kernel = False
+                    warnings.warn(
+                        "LocalSgd(fused=True): torch.compile could not build the fused step "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); using "
+                        "the unfused step", RuntimeWarning, stacklevel=3)
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = all(local(p).device.type == "cuda" for p in params)
+        if foreach:
+            _multi_tensor_mas_sgd(params, bufs, terms, **hyper)
+        else:
+            _single_tensor_mas_sgd(params, bufs, terms, **hyper)
 
     # ------------------------------------------------------------------ logging and SI
 
@@ -241,16 +336,18 @@ class LocalSgd(torch.optim.SGD):
     def penalty(self) -> Tensor:
         """λ Σ Ω (θ − θ*)² over this optimizer's regularised parameters (Eq. 3), for logging."""
         total = None
-        for group in self.param_groups:
-            lam = group["reg_lambda"]
-            for name, p in zip(group["param_names"], group["params"]):
-                entry = self._reg_params.get(name)
+        for i, group in enumerate(self.param_groups):
+            lam = float(group["reg_lambda"])
+            for name, p in zip(group_names(group, i), group["params"]):
+                entry = self._reg_params.get(name) if name is not None else None
                 if entry is None:
                     continue
+                if entry["omega"].shape != p.shape:
+                    check_entry(name, entry, p)
                 term = (entry["omega"] * (p - entry["init_val"]).square()).sum() * lam
                 total = term if total is None else total + term
         if total is None:
-            first = next(iter(self._named_params()), (None, torch.zeros(())))[1]
+            first = next((p for g in self.param_groups for p in g["params"]), torch.zeros(()))
             return torch.zeros((), device=first.device, dtype=first.dtype)
         return total
 
@@ -283,13 +380,46 @@ class LocalSgd(torch.optim.SGD):
         return omega
 
 
-def _check_reg_lambda(reg_lambda) -> None:
-    if not (isinstance(reg_lambda, (int, float)) and not isinstance(reg_lambda, bool)
-            and math.isfinite(reg_lambda) and reg_lambda >= 0):
-        raise ValueError(f"Invalid reg_lambda value: {reg_lambda}")
+def _check_same_names(index: int, own: List[Optional[str]], saved: Optional[List[Any]]) -> None:
+    if saved is None:  # a state dict of an optimizer built without names
+        return
+    for k, (mine, theirs) in enumerate(zip(own, saved)):
+        if mine is None or theirs is None or _strip(mine) == _strip(str(theirs)):
+            continue
+        raise ValueError(
+            f"loaded state dict names parameter {k} of param group {index} {theirs!r}, this "
+            f"optimizer names it {mine!r}: the state dict belongs to other parameters (names "
+            "may differ only by a leading 'module.' or '_orig_mod.')")
+
+
+def _strip(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _NAME_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+class _Terms:
+    """Ω and θ* of one regularised parameter, and, when cached, (2λΩ, 2λΩθ*): the penalty
+    gradient 2λΩ(θ − θ*) = slope·θ − offset then costs one fused multiply-add per pass."""
+
+    __slots__ = ("key", "omega", "init", "coef", "slope", "offset")
+
+    def __init__(self, key: tuple, omega: Tensor, init: Tensor, coef: float,
+                 cache: bool) -> None:
+        self.key, self.omega, self.init, self.coef = key, omega, init, coef
+        self.slope = self.offset = None
+        if cache:
+            self.slope = local(omega).mul(coef)
+            self.offset = self.slope.mul(local(init))
 
 
 # ---------------------------------------------------------------------- functional core
+# Every function below works on plain local tensors: for a sharded (DTensor) parameter, its
+# gradient, buffer, Ω and θ* are this rank's shards (the update is elementwise).
 
 def _slices(*tensors: Tensor) -> Iterable[Tuple[Tensor, ...]]:
     """Matching cache-sized slices of same-shaped tensors (the whole tensors if they are small,
@@ -301,51 +431,116 @@ def _slices(*tensors: Tensor) -> Iterable[Tuple[Tensor, ...]]:
     return zip(*(t.view(-1).split(_CHUNK) for t in tensors))
 
 
+def _single_tensor_mas_sgd(params: List[Tensor], bufs: List[Optional[Tensor]],
+                           terms: List[_Terms], **hyper: Any) -> None:
+    for p, b, t in zip(params, bufs, terms):
+        _mas_sgd_(local(p), local(p.grad), None if b is None else local(b), t, **hyper)
+
+
 def _mas_sgd_(
-    p: Tensor, grad: Tensor, buf: Optional[Tensor], slope: Tensor, offset: Tensor, *,
-    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-    maximize: bool,
-) -> Optional[Tensor]:
-    """One SGD step on θ with d = ±g + wd·θ + (slope·θ − offset); returns the momentum buffer.
+    p: Tensor, grad: Tensor, buf: Optional[Tensor], terms: _Terms, *, lr: float, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+) -> None:
+    """One SGD step on θ with d = ±g + wd·θ + 2λΩ(θ − θ*) (the gradient of Eq. 3's penalty).
 
-    slope·θ − offset = 2λΩ(θ − θ*), the gradient of Eq. 3's penalty. Large tensors are done
-    slice by slice, so that θ and the buffer stay in cache between the passes.
+    ``buf`` is the momentum buffer (given whenever momentum ≠ 0). Large tensors are done slice
+    by slice, so that θ and the buffer stay in cache between the passes.
     """
-    if momentum != 0 and buf is None and dampening == 0:
-        buf = torch.zeros_like(p, memory_format=torch.contiguous_format)  # then b_1 = d_1
-    if (momentum != 0 and dampening == 0 and weight_decay == 0 and not nesterov
-            and not maximize):  # the common case: 4 passes, no temporary
-        for p_, g_, s_, o_, b_ in _slices(p, grad, slope, offset, buf):
+    cached = terms.slope is not None
+    a, c = (terms.slope, terms.offset) if cached else (local(terms.omega), local(terms.init))
+    if momentum != 0 and weight_decay == 0 and not nesterov and not maximize and dampening == 0:
+        for p_, g_, a_, c_, b_ in _slices(p, grad, a, c, buf):  # the common case
             torch.add(g_, b_, alpha=momentum, out=b_)      # b = μb + g
-            b_.addcmul_(s_, p_).sub_(o_)                   #   + 2λΩ(θ − θ*)   (Eq. 3)
+            if cached:
+                b_.addcmul_(a_, p_).sub_(c_)               #   + 2λΩ(θ − θ*)   (Eq. 3)
+            else:
+                b_.addcmul_(a_, torch.sub(p_, c_), value=terms.coef)
             p_.add_(b_, alpha=-lr)
-        return buf
+        return
 
-    new_buf = buf
-    if momentum != 0 and buf is None:
-        new_buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-    for p_, g_, s_, o_, b_ in _slices(p, grad, slope, offset,
-                                      new_buf if new_buf is not None else p):
-        d = torch.mul(s_, p_).sub_(o_)                     # 2λΩ(θ − θ*)       (Eq. 3)
+    for p_, g_, a_, c_, b_ in _slices(p, grad, a, c, buf if buf is not None else p):
+        if cached:
+            d = torch.mul(a_, p_).sub_(c_)                 # 2λΩ(θ − θ*)       (Eq. 3)
+        else:
+            d = torch.sub(p_, c_).mul_(a_).mul_(terms.coef)
         d.add_(g_, alpha=-1.0 if maximize else 1.0)
         if weight_decay != 0:
             d.add_(p_, alpha=weight_decay)
         if momentum != 0:
-            if buf is None:
-                b_.copy_(d)
-            else:
-                b_.mul_(momentum).add_(d, alpha=1.0 - dampening)
+            b_.mul_(momentum).add_(d, alpha=1.0 - dampening)
             if nesterov:
                 d.add_(b_, alpha=momentum)
             else:
                 d = b_
         p_.add_(d, alpha=-lr)
-    return new_buf
 
 
-def _proximal_(p: Tensor, omega: Tensor, anchor: Tensor, lr_coef: float) -> None:
+def _multi_tensor_mas_sgd(
+    params: List[Tensor], bufs: List[Optional[Tensor]], terms: List[_Terms], *, lr: float,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+) -> None:
+    """The same update with torch's multi-tensor kernels: one launch per pass for all
+    parameters of the group (what torch's SGD does with ``foreach=True``)."""
+    ps = [local(p) for p in params]
+    gs = [local(p.grad) for p in params]
+    d = torch._foreach_neg(gs) if maximize else torch._foreach_mul(gs, 1.0)
+    if all(t.slope is not None for t in terms):
+        torch._foreach_addcmul_(d, [t.slope for t in terms], ps)
+        torch._foreach_sub_(d, [t.offset for t in terms])
+    else:
+        diff = torch._foreach_sub(ps, [local(t.init) for t in terms])
+        torch._foreach_mul_(diff, [local(t.omega) for t in terms])
+        torch._foreach_add_(d, diff, alpha=terms[0].coef)
+    if weight_decay != 0:
+        torch._foreach_add_(d, ps, alpha=weight_decay)
+    if momentum != 0:
+        bs = [local(b) for b in bufs]  # type: ignore[arg-type]
+        torch._foreach_mul_(bs, momentum)
+        torch._foreach_add_(bs, d, alpha=1.0 - dampening)
+        if nesterov:
+            torch._foreach_add_(d, bs, alpha=momentum)
+        else:
+            d = bs
+    torch._foreach_add_(ps, d, alpha=-lr)
+
+
+def _fused_kernel_body(ps: List[Tensor], gs: List[Tensor], bs: List[Tensor],
+                       omegas: List[Tensor], inits: List[Tensor], lr: Tensor, momentum: Tensor,
+                       dampening: Tensor, weight_decay: Tensor, coef: Tensor, use_momentum: bool,
+                       nesterov: bool, maximize: bool) -> None:
+    # One pass per parameter once compiled: θ, g, b, Ω, θ* are read once, θ and b written once.
+    # Hyperparameters are 0-dim tensors so that a learning-rate schedule does not recompile.
+    for i in range(len(ps)):
+        p = ps[i]
+        g = -gs[i] if maximize else gs[i]
+        d = g + coef * omegas[i] * (p - inits[i]) + weight_decay * p
+        if use_momentum:
+            b = momentum * bs[i] + (1 - dampening) * d
+            bs[i].copy_(b)
+            d = d + momentum * b if nesterov else b
+        p.copy_(p - lr * d)
+
+
+def _compile_fused_kernel() -> Callable:
+    return torch.compile(_fused_kernel_body, dynamic=True, fullgraph=True)
+
+
+def _fused_mas_sgd(kernel: Callable, params: List[Tensor], bufs: List[Optional[Tensor]],
+                   terms: List[_Terms], *, lr: float, momentum: float, dampening: float,
+                   weight_decay: float, nesterov: bool, maximize: bool) -> None:
+    ps = [local(p) for p in params]
+    scalar = dict(dtype=ps[0].dtype, device=ps[0].device)
+    kernel(ps, [local(p.grad) for p in params],
+           [local(b) for b in bufs] if momentum != 0 else ps,  # type: ignore[arg-type]
+           [local(t.omega) for t in terms], [local(t.init) for t in terms],
+           torch.tensor(lr, **scalar), torch.tensor(momentum, **scalar),
+           torch.tensor(dampening, **scalar), torch.tensor(weight_decay, **scalar),
+           torch.tensor(terms[0].coef, **scalar), momentum != 0, nesterov, maximize)
+
+
+def _proximal_(p: Tensor, omega: Tensor, init_val: Tensor, lr_coef: float) -> None:
     """θ ← θ* + (θ − θ*) / (1 + lr_coef·Ω): the proximal map of (lr_coef/2)·ΣΩ(θ − θ*)²."""
-    for p_, o_, a_ in _slices(p, omega, anchor):
+    for p_, o_, a_ in _slices(p, omega, init_val):
         d = torch.sub(p_, a_)
         d.div_(torch.mul(o_, lr_coef).add_(1.0))
         torch.add(a_, d, out=p_)

@@ -7,9 +7,9 @@ For every regularised parameter θ (by its name in ``model.named_parameters()``)
 Ω is the accumulated importance (paper Eq. 2 and Eq. 4) and θ* the value the parameter had when
 the last task ended; the penalty is λ Σ Ω (θ − θ*)² (paper Eq. 3).
 
-Keys are names, not tensor objects: a name survives pickling, a tensor's identity does not (the
-reimplementation keyed by tensor, so after a reload no parameter was ever found and the penalty
-was silently off).
+Keys are names, not tensor objects: a name survives pickling and a reload into a fresh model,
+a tensor's identity does not (a dict keyed by tensors finds no parameter after a reload, so the
+penalty would be silently off).
 
 File format (``reg_params.pickle``): a pickle of builtins only (dict, str, int, list, bytes), each
 tensor stored as ``{"dtype": str, "shape": [int], "data": bytes}`` in little-endian order.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 import pickle
 import sys
@@ -29,6 +30,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ._validate import is_sharded
 from .atomic import PathLike, atomic_write
 
 RegParams = Dict[str, Dict[str, torch.Tensor]]
@@ -48,21 +50,24 @@ class RegParamsError(ValueError):
     """A reg_params file (or object) is missing, damaged, hostile or does not fit the model."""
 
 
-def init_reg_params(model: nn.Module, freeze_layers: Iterable[str] = ()) -> RegParams:
+def init_reg_params(model: nn.Module,
+                    freeze_layers: Union[str, Iterable[str]] = ()) -> RegParams:
     """Fresh reg_params for ``model``: Ω = 0 and θ* = the current values.
 
     Args:
         model: the network whose parameters will be regularised.
         freeze_layers: parameter names (as in ``model.named_parameters()``) to leave out, such as
-            frozen layers or a task head. A name that matches no parameter is an error, so a
-            typo cannot silently regularise a layer you meant to exclude.
+            frozen layers or a task head; a single string is one name. A name that matches no
+            parameter is an error, so a typo cannot silently regularise a layer you meant to
+            exclude.
 
     Returns:
         ``{name: {"omega": zeros_like(p), "init_val": p.detach().clone()}}`` for every
-        parameter with ``requires_grad`` whose name is not in ``freeze_layers``.
+        parameter with ``requires_grad`` whose name is not in ``freeze_layers``. On a model
+        sharded by FSDP2 ``fully_shard`` the entries are DTensors placed like the parameters.
     """
     named = dict(model.named_parameters())
-    excluded = set(freeze_layers)
+    excluded = {freeze_layers} if isinstance(freeze_layers, str) else set(freeze_layers)
     unknown = sorted(excluded - set(named))
     if unknown:
         raise ValueError(f"freeze_layers names no parameter of the model: {unknown}")
@@ -94,19 +99,9 @@ def consolidate_reg_params(
         model: its named parameters give the new θ*.
         omega: importance of the task just learnt, e.g. from :func:`compute_omega`; must have an
             entry for every name in ``reg_params`` (extra names, such as a head's, are ignored).
-        accumulate: ``"sum"`` or a float alpha in [0, 1].
+        accumulate: ``"sum"`` or a float alpha in [0, 1] (see :func:`parse_accumulate`).
     """
-    if isinstance(accumulate, str):
-        if accumulate != "sum":
-            raise ValueError(f"accumulate must be 'sum' or a float in [0, 1], got {accumulate!r}")
-        alpha = None
-    elif isinstance(accumulate, (int, float)) and not isinstance(accumulate, bool):
-        alpha = float(accumulate)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"accumulate alpha must be in [0, 1], got {alpha}")
-    else:
-        raise ValueError(f"accumulate must be 'sum' or a float in [0, 1], got {accumulate!r}")
-
+    alpha = parse_accumulate(accumulate)
     named = dict(model.named_parameters())
     for name, entry in reg_params.items():
         if name not in named:
@@ -119,7 +114,7 @@ def consolidate_reg_params(
                              f"reg_params has {tuple(entry['omega'].shape)}")
         if not torch.isfinite(new).all():
             raise ValueError(f"omega[{name!r}] holds NaN or Inf")
-        if alpha is None:
+        if alpha == "sum":
             entry["omega"].add_(new)  # Eq. 4 summed over tasks
         else:
             entry["omega"].mul_(alpha).add_(new, alpha=1.0 - alpha)
@@ -127,13 +122,50 @@ def consolidate_reg_params(
     return reg_params
 
 
+def parse_accumulate(value: Union[str, float]) -> Union[str, float]:
+    """How Ω of a new task is folded in: ``"sum"`` or α in [0, 1], from code, a command line or
+    a config file (``"0.5"`` parses to 0.5).
+
+    Raises:
+        ValueError: one line naming the value, for anything else (``True`` included).
+    """
+    message = f"accumulate must be 'sum' or a number in [0, 1], got {value!r}"
+    if isinstance(value, str):
+        if value.strip() == "sum":
+            return "sum"
+        try:
+            alpha = float(value)
+        except ValueError:
+            raise ValueError(message) from None
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        alpha = float(value)
+    else:
+        raise ValueError(message)
+    if not 0.0 <= alpha <= 1.0:  # also refuses NaN
+        raise ValueError(message)
+    return alpha
+
+
 # ----------------------------------------------------------------------------- persistence
 
 def save_reg_params(reg_params: RegParams, path: PathLike, *,
                     before_replace: Optional[Callable[[], None]] = None) -> None:
     """Pickle ``reg_params`` to ``path`` atomically (see :func:`mas_optim.atomic_write`, which
-    also explains ``before_replace``)."""
+    also explains ``before_replace``).
+
+    Sharded entries (DTensors, from a model under FSDP2 ``fully_shard``) are gathered to full
+    tensors first, so the file does not depend on the number of ranks: then every rank must call
+    this, rank 0 writes, and all ranks return once the file is in place.
+    """
     _validate_structure(reg_params, str(path))
+    if any(is_sharded(t) for entry in reg_params.values() for t in entry.values()):
+        from .sharded import full_reg_params
+
+        full = full_reg_params(reg_params)
+        if torch.distributed.get_rank() == 0:
+            save_reg_params(full, path, before_replace=before_replace)
+        torch.distributed.barrier()
+        return
     payload = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -150,7 +182,8 @@ def load_reg_params(path: PathLike, model: Optional[nn.Module] = None) -> RegPar
     Args:
         path: the ``reg_params.pickle`` file.
         model: when given, every name must be a trainable parameter of ``model`` with the same
-            shape, and the tensors are moved to that parameter's device.
+            shape, and the tensors are moved to that parameter's device; for parameters sharded
+            by FSDP2 ``fully_shard`` each rank gets its own shard (DTensors placed alike).
 
     Raises:
         RegParamsError: the file is missing, unreadable, empty, truncated, not a reg_params
@@ -199,6 +232,10 @@ def load_reg_params(path: PathLike, model: Optional[nn.Module] = None) -> RegPar
             raise RegParamsError(f"{where}: {name}: omega and init_val differ in shape")
     if model is not None:
         _fit_to_model(reg_params, model, where)
+        if any(is_sharded(p) for p in model.parameters()):
+            from .sharded import shard_reg_params_like
+
+            return shard_reg_params_like(reg_params, model)
     return reg_params
 
 

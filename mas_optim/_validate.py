@@ -1,0 +1,143 @@
+"""Checks shared by LocalSgd, the any-optimizer penalty and reg_params: one place, one wording.
+
+A reg_params entry reaches the penalty by three doors (the constructor, assignment to
+``reg_params``, ``step(reg_params)``) and can change behind them (a parameter replaced by a
+larger one, a tensor swapped into the dict); every door and every change goes through
+:func:`check_entry`, so a bad value is refused with the parameter's name instead of turning the
+weights into NaN or being broadcast.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, List, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed: no parameter can be sharded
+    DTensor = None  # type: ignore[assignment,misc]
+
+_KEYS = ("omega", "init_val")
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view sharing its storage), or ``t`` itself.
+
+    The penalty 2λΩ(θ − θ*) is elementwise, so with θ, Ω and θ* sharded alike each rank updates
+    its own shard and nothing is communicated."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t._local_tensor
+    return t
+
+
+def is_sharded(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def as_reg_lambda(value: Any) -> float:
+    """λ as a float: any finite real scalar ≥ 0 (Python or numpy number, 0-dim real tensor).
+
+    Strings are refused rather than parsed: like ``lr``, λ is a number, and a string here means
+    a config value that was never converted (``float(cfg["reg_lambda"])`` where it is read)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dim() != 0 or value.is_complex():
+            raise ValueError(f"Invalid reg_lambda value: a tensor of shape {tuple(value.shape)} "
+                             "(a 0-dim real tensor is accepted)")
+        value = value.item()
+    if isinstance(value, str):
+        raise ValueError(f"Invalid reg_lambda value: {value!r} is a string; convert it with "
+                         "float() where it is read")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid reg_lambda value: {value!r} (a real number >= 0 is needed)")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"Invalid reg_lambda value: {value}")
+    return value
+
+
+def check_structure(reg_params: Any) -> None:
+    """reg_params is ``{str: {"omega": Tensor, "init_val": Tensor}}``; otherwise a TypeError
+    naming the offending key (with the ``reg_lambda=`` hint for a stray λ such as the original
+    code's ``reg_params['lambda']``)."""
+    if not isinstance(reg_params, Mapping):
+        raise TypeError(f"reg_params must be a dict keyed by parameter name, got "
+                        f"{type(reg_params).__name__}")
+    for name, entry in reg_params.items():
+        if not isinstance(name, str):
+            raise TypeError(f"reg_params must be keyed by parameter name (str), got a key of "
+                            f"type {type(name).__name__}")
+        if not isinstance(entry, Mapping):
+            hint = ""
+            if isinstance(entry, (numbers.Number, Tensor)) or "lambda" in name.lower():
+                hint = ("; λ is not part of reg_params: pass it to the optimizer as "
+                        "reg_lambda=")
+            raise TypeError(f"reg_params[{name!r}] is a {type(entry).__name__}, not "
+                            f"{{'omega': Ω, 'init_val': θ*}}{hint}")
+        for key in _KEYS:
+            if not isinstance(entry.get(key), Tensor):
+                raise TypeError(f"reg_params[{name!r}][{key!r}] must be a tensor, got "
+                                f"{type(entry.get(key)).__name__}")
+
+
+def check_entry(name: str, entry: Mapping[str, Tensor], p: Tensor) -> None:
+    """Ω and θ* fit parameter ``p`` (shape, dtype, device, sharding), are finite, and Ω ≥ 0."""
+    for key in _KEYS:
+        t = entry[key]
+        if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            changed = (" (the parameter changed shape, e.g. a growing head: re-create its entry "
+                       "or leave it out of reg_params)" if t.shape != p.shape else
+                       " (load_reg_params(path, model) moves entries to the model's device)")
+            raise ValueError(
+                f"reg_params[{name!r}][{key!r}] is {tuple(t.shape)} {t.dtype} on {t.device}, "
+                f"the parameter is {tuple(p.shape)} {p.dtype} on {p.device}{changed}")
+        if is_sharded(t) != is_sharded(p) or (
+                is_sharded(p) and (t.placements != p.placements or t.device_mesh != p.device_mesh)):
+            raise ValueError(
+                f"reg_params[{name!r}][{key!r}] is not sharded like its parameter: build "
+                "reg_params from the sharded model or use mas_optim.sharded.shard_reg_params_like")
+        values = local(t)
+        if not torch.isfinite(values).all():
+            raise ValueError(f"reg_params[{name!r}][{key!r}] holds NaN or Inf")
+    if (local(entry["omega"]) < 0).any():
+        raise ValueError(f"reg_params[{name!r}]['omega'] holds negative values: importance "
+                         "is a magnitude, Ω >= 0")
+
+
+def check_reg_params(reg_params: Any, named: Mapping[str, Tensor]) -> None:
+    """Structure of every entry, values of the entries whose name is in ``named``; and at least
+    one name must match (keys that match nothing mean reg_params of another module)."""
+    check_structure(reg_params)
+    for name, entry in reg_params.items():
+        p = named.get(name)
+        if p is not None:
+            check_entry(name, entry, p)
+    if reg_params and not any(name in named for name in reg_params):
+        if not named:
+            raise ValueError("reg_params given, but the optimizer's parameters have no names: "
+                             "pass model.named_parameters(), names key reg_params")
+        raise ValueError(
+            "no name in reg_params matches a parameter of this optimizer: e.g. "
+            f"{next(iter(reg_params))!r} vs {next(iter(named))!r}. Build reg_params from "
+            "the same module whose named_parameters() the optimizer holds")
+
+
+def group_names(group: Mapping[str, Any], index: int) -> List[Optional[str]]:
+    """The name of each parameter of a param group, ``None`` where it has none.
+
+    Parameters appended to ``group["params"]`` without a name (Avalanche's dynamic optimizer,
+    a hand-written ``extend``) come after the named ones and get ``None``: no reg_params entry,
+    torch's SGD update."""
+    params = group["params"]
+    names = group.get("param_names")
+    if names is None:
+        return [None] * len(params)
+    if len(names) > len(params):
+        raise RuntimeError(
+            f"param group {index} has {len(names)} param_names for {len(params)} params: a "
+            "parameter was removed from group['params'] without its name; remove both, so "
+            "that names still match their parameters")
+    return list(names) + [None] * (len(params) - len(names))
