@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
-from conftest_app import make_image_tasks, write_mnist
+from helpers import make_image_tasks, write_mnist
 
 from utils import AppError
 from utils.data import (derived_seed, image_folder_tasks, make_loader, permuted_digits,
-                        split_digits, split_mnist)
+                        split_digits, split_mnist, train_shard)
 
 
 def test_split_digits_five_binary_tasks_with_a_fixed_split():
@@ -90,3 +91,21 @@ def test_split_mnist_missing(tmp_path):
         split_mnist(str(tmp_path))
     with pytest.raises(AppError, match="--mnist_root"):
         split_mnist(None)
+
+
+def test_train_shard_one_step_over_ranks_is_one_single_process_batch():
+    data = TensorDataset(torch.arange(23))
+    single = [b[0].tolist() for b in train_shard(data, 4, 11, 0, 1)]
+    shards = [[b[0].tolist() for b in train_shard(data, 4, 11, r, 2)] for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 6  # 23 padded to 24, 12 per rank, batches of 2
+    steps = [sorted(shards[0][i] + shards[1][i]) for i in range(6)]
+    assert steps[:5] == [sorted(b) for b in single[:5]]
+    assert steps[5] == sorted(single[5] + single[0][:1])  # padded with the order's start
+    assert sorted(sum(single, [])) == list(range(23))
+
+
+def test_train_shard_order_is_a_function_of_its_seed():
+    data = TensorDataset(torch.arange(50))
+    order = lambda seed, r: [b[0].tolist() for b in train_shard(data, 8, seed, r, 3)]  # noqa
+    assert order(5, 1) == order(5, 1) and order(5, 1) != order(6, 1)
+    assert [len(order(5, r)) for r in range(3)] == [6, 6, 6]  # 17 per rank in batches of 3

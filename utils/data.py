@@ -9,10 +9,11 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from utils import AppError
 
@@ -48,13 +49,11 @@ def derived_seed(seed: int, *parts: object) -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle_seed: int | None = None) -> DataLoader:
-    """Batches in a fixed order (``shuffle_seed`` None) or shuffled by a private generator.
-
-    The loader always gets its own generator: DataLoader otherwise draws its base seed from
-    the global RNG, which would make evaluation perturb dropout/augmentation randomness."""
-    generator = torch.Generator().manual_seed(0 if shuffle_seed is None else shuffle_seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None,
-                      generator=generator)
+    """Batches in a fixed order (``shuffle_seed`` None) or shuffled as ``train_shard`` shuffles
+    for one process: ``train_shard(dataset, batch_size, shuffle_seed, 0, 1)``."""
+    if shuffle_seed is not None:
+        return train_shard(dataset, batch_size, shuffle_seed, 0, 1)
+    return _loader(dataset, batch_size=batch_size)
 
 
 # --- scikit-learn digits -----------------------------------------------------------------------
@@ -210,49 +209,40 @@ def image_folder_tasks(data_dir: str, image_size: int) -> list[Task]:
 
 
 # --- sharding over torchrun processes ----------------------------------------------------------
-def _loader(dataset: Dataset, batch_sampler: list[list[int]]) -> DataLoader:
-    # a private generator: the loader must not draw its base seed from the global RNG
-    return DataLoader(dataset, batch_sampler=batch_sampler,
-                      generator=torch.Generator().manual_seed(0))
+def _loader(dataset: Dataset, **kwargs: Any) -> DataLoader:
+    # a private generator: DataLoader otherwise draws its base seed from the global RNG, which
+    # would make evaluation perturb the dropout/augmentation randomness of training
+    return DataLoader(dataset, generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def train_shard(dataset: Dataset, batch_size: int, shuffle_seed: int, rank: int,
                 world: int) -> DataLoader:
-    """This process's share of one training epoch, as ``DistributedSampler`` shards it.
+    """This process's share of one training epoch: torch's ``DistributedSampler`` with
+    ``num_replicas=world`` (one process included), ``seed=shuffle_seed``, ``drop_last=False``.
 
-    The epoch's order is the permutation ``make_loader(dataset, batch_size, shuffle_seed)``
-    visits (from a generator seeded with ``shuffle_seed``, a pure function of (seed, task,
-    epoch)); it is padded by repeating its start up to a multiple of
-    ``world`` (DistributedSampler's ``drop_last=False``) and process ``rank`` takes every
-    ``world``-th index from position ``rank``. Every process then has the same number of
-    samples and of batches (DDP needs the same number of steps on every rank). Batches hold
-    ``ceil(batch_size / world)`` samples, so one step over all processes sees
-    ``batch_size`` samples when ``world`` divides it: exactly the samples of one
-    single-process batch. With ``world == 1`` this is ``make_loader`` itself.
+    The epoch's order is ``torch.randperm(n)`` from a generator seeded with ``shuffle_seed`` (a
+    pure function of (seed, task, epoch), so a resumed run shuffles as an uninterrupted one);
+    it does not depend on ``world``. The sampler pads it by repeating its start up to a multiple
+    of ``world`` and process ``rank`` takes every ``world``-th index from position ``rank``, so
+    every process has the same number of samples and of batches (DDP needs the same number of
+    steps on every rank). Batches hold ``ceil(batch_size / world)`` samples, so one step over
+    all processes sees ``batch_size`` samples when ``world`` divides it: exactly the samples of
+    one single-process batch.
     """
-    if world == 1:
-        return make_loader(dataset, batch_size, shuffle_seed)
-    n = len(dataset)  # type: ignore[arg-type]
-    # the very order make_loader visits (read from it: the DataLoader draws its base seed from
-    # the generator before the sampler's randperm)
-    order = next(iter(make_loader(list(range(n)), max(n, 1), shuffle_seed))).tolist() if n else []
-    total = math.ceil(n / world) * world
-    while len(order) < total:  # pad as DistributedSampler does (n < world repeats it more)
-        order += order[:total - len(order)]
-    mine = order[rank::world]
-    per_rank = math.ceil(batch_size / world)
-    return _loader(dataset, [mine[i:i + per_rank] for i in range(0, len(mine), per_rank)])
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=shuffle_seed, drop_last=False)
+    return _loader(dataset, batch_size=math.ceil(batch_size / world), sampler=sampler)
 
 
 def fixed_shard(dataset: Dataset, batch_size: int, rank: int, world: int) -> DataLoader:
     """This process's share of the data in fixed order (evaluation, importance): the batches of
     ``make_loader(dataset, batch_size)``, dealt out whole, round robin (batch i to process
-    i mod world). No padding: every sample is seen exactly once over all processes, so counts
-    and sums reduced over the processes equal those of one process (also for the importance's
-    batch formula, which depends on how samples are grouped). With ``world == 1`` this is
-    ``make_loader`` itself."""
+    i mod world). No padding (unlike ``DistributedSampler``): every sample is seen exactly once
+    over all processes, so counts and sums reduced over the processes equal those of one
+    process (also for the importance's batch formula, which depends on how samples are
+    grouped). With ``world == 1`` this is ``make_loader`` itself."""
     if world == 1:
         return make_loader(dataset, batch_size)
     n = len(dataset)  # type: ignore[arg-type]
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    return _loader(dataset, batches[rank::world])
+    return _loader(dataset, batch_sampler=batches[rank::world])
