@@ -3,7 +3,8 @@
 Learn a sequence of tasks without forgetting the earlier ones:
 
 * :class:`LocalSgd` - drop-in ``torch.optim.SGD`` that adds the MAS penalty gradient
-  2λΩ(θ − θ*) inside ``step()``;
+  2λΩ(θ − θ*) inside ``step()``; :func:`add_mas_penalty` - the same penalty for any torch
+  optimizer (Adam, AdamW, RMSprop, ...);
 * :func:`compute_omega` (and :class:`OmegaSgd`) - the importance Ω after each task;
 * :func:`init_reg_params`, :func:`consolidate_reg_params`, :func:`save_reg_params`,
   :func:`load_reg_params` - what is remembered between tasks, keyed by parameter name.
@@ -13,6 +14,7 @@ from .atomic import atomic_write
 from .importance import compute_omega
 from .local_sgd import LocalSgd
 from .omega_sgd import OmegaSgd
+from .penalty import MasPenalty, add_mas_penalty
 from .reg_params import (
     RegParamsError,
     consolidate_reg_params,
@@ -25,8 +27,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LocalSgd",
+    "MasPenalty",
     "OmegaSgd",
     "RegParamsError",
+    "add_mas_penalty",
     "atomic_write",
     "compute_omega",
     "consolidate_reg_params",
