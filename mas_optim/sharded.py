@@ -145,6 +145,11 @@ def compute_omega_sharded(model: nn.Module, loader: Iterable, **kwargs: Any) -> 
     device = next(iter(params.values())).device
 
     with _whole_parameters(model):
+        for name, p in model.named_parameters():
+            if p.requires_grad and is_sharded(p):
+                raise ValueError(
+                    f"compute_omega_sharded: parameter {name!r} is a DTensor that fully_shard "
+                    "does not manage; only models sharded by fully_shard are supported")
         sums, count = omega_sums(model, loader, **kwargs)
     # The count rides in the same dtype on every rank; uneven parts give the true mean.
     total = torch.tensor([count], dtype=torch.int64, device=device)

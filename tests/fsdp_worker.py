@@ -1,0 +1,188 @@
+"""One rank of tests/test_fsdp.py: MAS on a model sharded by FSDP2's ``fully_shard`` (gloo, CPU).
+
+    python tests/fsdp_worker.py RANK WORLD PORT OUT_DIR
+
+Runs every scenario in one process group (start-up is the slow part) and writes what the tests
+check into OUT_DIR: full tensors gathered by rank 0, each rank's local slices, error messages.
+The model, data and hyper-parameters are defined here and imported by the tests, so the
+one-process references use exactly the same ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import mas_optim
+from mas_optim.sharded import full_reg_params, is_sharded, shard_reg_params_like
+
+STEPS, LOCAL_BATCH, REG_LAMBDA, LR, MOMENTUM = 4, 4, 0.5, 0.05, 0.9
+OMEGA_KWARGS = {"per_sample": {}, "batch_formula": {"per_sample": False},
+                "local": {"method": "local"}}
+HOSTILE = ("hostile.pickle", "truncated.pickle", "wrong_shape.pickle", "empty.pickle")
+
+
+def make_model() -> nn.Module:
+    # Every parameter's first dimension is odd, so the two ranks' slices differ in size;
+    # BatchNorm has no fast rule, so the importance pass runs one forward per sample for it.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def omega_batches(rank: int, world: int) -> list:
+    """Rank 0: 16 samples in 4 batches; rank 1: 7 in 2 (uneven). world=1: all 6 batches."""
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(23, 1, 6, 6, generator=g)
+    parts = [xs[:16], xs[16:]]
+    chosen = parts if world == 1 else [parts[rank]]
+    return [(part[i:i + 5],) for part in chosen for i in range(0, len(part), 5)]
+
+
+def train_batches() -> list:
+    """STEPS global batches of 2·LOCAL_BATCH samples; under 2 ranks rank r takes half r."""
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(2 * LOCAL_BATCH, 1, 6, 6, generator=g),
+             torch.randint(0, 3, (2 * LOCAL_BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def start_reg_params(model: nn.Module) -> dict:
+    """Plain full reg_params with a nonzero Ω and θ* ≠ θ, so the penalty acts from step 1."""
+    reg = mas_optim.init_reg_params(model)
+    g = torch.Generator().manual_seed(3)
+    for entry in reg.values():
+        entry["omega"].uniform_(0, 1, generator=g)
+        entry["init_val"].add_(0.1)
+    return reg
+
+
+def shard(model: nn.Module, world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for i in (0, 4, 6):
+        fully_shard(model[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)   # the root holds BatchNorm's parameters
+    return model
+
+
+def placed_like(reg: dict, model: nn.Module) -> dict:
+    """name -> True if both tensors are DTensors placed like the parameter, same local shape."""
+    named = dict(model.named_parameters())
+    return {name: all(is_sharded(t) and t.device_mesh == named[name].device_mesh
+                      and t.placements == named[name].placements
+                      and t.to_local().shape == named[name].to_local().shape
+                      for t in entry.values())
+            for name, entry in reg.items()}
+
+
+def local_slices(reg: dict) -> dict:
+    return {name: {k: t.to_local().clone() for k, t in entry.items()} for name, entry in reg.items()}
+
+
+def train_adamw(model: nn.Module, rank: int) -> dict:
+    """AdamW with the MAS penalty attached (add_mas_penalty); returns the full weights. A sharded
+    model's rank takes its half of each batch; an unsharded one (the one-process reference)
+    takes whole batches."""
+    model.eval()
+    reg = start_reg_params(make_model())
+    if any(is_sharded(p) for p in model.parameters()):
+        reg = shard_reg_params_like(reg, model)
+    opt = torch.optim.AdamW(model.named_parameters(), lr=LR, weight_decay=0.01)
+    mas_optim.add_mas_penalty(opt, reg, reg_lambda=REG_LAMBDA)
+    sharded = is_sharded(next(model.parameters()))
+    part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH) if sharded else slice(None)
+    for x, y in train_batches():
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.step()
+    return {n: p.full_tensor() if sharded else p.detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def run(rank: int, world: int, out: str) -> None:
+    report: dict = {}
+    model = shard(make_model(), world)
+    model.eval()  # BatchNorm uses its running statistics: the step matches one process exactly
+
+    # Importance of the untrained model, data split unevenly over the ranks.
+    for label, kwargs in OMEGA_KWARGS.items():
+        omega = mas_optim.compute_omega(model, omega_batches(rank, world), **kwargs)
+        report[f"omega_{label}_placed"] = placed_like(
+            {n: {"omega": o} for n, o in omega.items()}, model)
+        full = {n: o.full_tensor() for n, o in omega.items()}
+        if rank == 0:
+            torch.save(full, os.path.join(out, f"omega_{label}.pt"))
+
+    fresh = mas_optim.init_reg_params(model)
+    report["init_placed"] = placed_like(fresh, model)
+    report["init_values"] = all(
+        torch.equal(e["init_val"].to_local(), p.to_local()) and not e["omega"].to_local().any()
+        for e, p in zip(fresh.values(), model.parameters()))
+
+    # LocalSgd with the penalty on; each rank takes its half of every global batch.
+    reg = shard_reg_params_like(start_reg_params(make_model()), model)
+    opt = mas_optim.LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=REG_LAMBDA,
+                             lr=LR, momentum=MOMENTUM)
+    half = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    for x, y in train_batches():
+        opt.zero_grad()
+        F.cross_entropy(model(x[half]), y[half]).backward()
+        opt.step()
+    weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+    adamw = train_adamw(shard(make_model(), world), rank)
+    omega = mas_optim.compute_omega(model, omega_batches(rank, world))
+    mas_optim.consolidate_reg_params(reg, model, omega)
+    report["consolidated_placed"] = placed_like(reg, model)
+    mas_optim.save_reg_params(reg, os.path.join(out, "two_ranks.pickle"))
+    full_reg = full_reg_params(reg)
+    if rank == 0:
+        torch.save(weights, os.path.join(out, "weights.pt"))
+        torch.save(adamw, os.path.join(out, "adamw.pt"))
+        torch.save(full_reg, os.path.join(out, "full_reg.pt"))
+
+    # Files in: one written by one process, the one just written, hostile ones.
+    loaded = mas_optim.load_reg_params(os.path.join(out, "one_process.pickle"), model=model)
+    report["loaded_placed"] = placed_like(loaded, model)
+    torch.save(local_slices(loaded), os.path.join(out, f"loaded_{rank}.pt"))
+    again = mas_optim.load_reg_params(os.path.join(out, "two_ranks.pickle"), model=model)
+    report["reloaded_equal"] = all(
+        torch.equal(again[n][k].to_local(), reg[n][k].to_local()) for n in reg for k in reg[n])
+    for name in HOSTILE:
+        try:
+            mas_optim.load_reg_params(os.path.join(out, name), model=model)
+            report[name] = None
+        except Exception as e:  # the test checks the type and the message
+            report[name] = [type(e).__name__, str(e)]
+
+    with open(os.path.join(out, f"report_{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def main() -> None:
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        run(rank, world, out)
+    except BaseException:
+        # Exit at once, so the test stops the other rank instead of waiting in a collective.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

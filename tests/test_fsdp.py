@@ -1,0 +1,199 @@
+"""MAS under FSDP2 (fully_shard): 2 gloo processes on loopback against one process.
+
+The two ranks run every scenario in one process group (tests/fsdp_worker.py); the tests compare
+what they wrote with references computed here in one process on the unsharded model.
+"""
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import mas_optim
+from fsdp_worker import (HOSTILE, LOCAL_BATCH, LR, MOMENTUM, OMEGA_KWARGS, REG_LAMBDA,
+                         make_model, omega_batches, start_reg_params, train_adamw,
+                         train_batches)
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch built without gloo")
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+ROOT = WORKER.parent.parent
+WORLD = 2
+TIMEOUT_S = 240  # both ranks together take ~20 s on 2 busy cores; a hang is killed at this
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def write_inputs(out: Path) -> None:
+    """The files the ranks load: one written by one process, and broken ones."""
+    reg = start_reg_params(make_model())
+    mas_optim.save_reg_params(reg, out / "one_process.pickle")
+    raw = (out / "one_process.pickle").read_bytes()
+    (out / "hostile.pickle").write_bytes(pickle.dumps(Evil()))
+    (out / "truncated.pickle").write_bytes(raw[:len(raw) // 2])
+    (out / "empty.pickle").write_bytes(b"")
+    wrong = {n: {k: t[:1].clone() for k, t in e.items()} for n, e in reg.items()}
+    mas_optim.save_reg_params(wrong, out / "wrong_shape.pickle")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    write_inputs(out)
+    port = str(free_port())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(WORLD)]
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        # A rank that fails exits at once; then the other one is stopped instead of waited for.
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        logs = [p.communicate()[0] for p in procs]
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail("FSDP ranks failed or timed out:\n" + "\n".join(
+            f"--- rank {r} (exit {p.returncode}):\n{log[-3000:]}"
+            for r, (p, log) in enumerate(zip(procs, logs))))
+    reports = [json.loads((out / f"report_{r}.json").read_text()) for r in range(WORLD)]
+    return out, reports
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def one_process_training():
+    """The same steps as the ranks, in one process on whole batches (fully_shard averages the
+    two half-batch mean gradients, which is the whole batch's mean gradient)."""
+    model = make_model()
+    model.eval()
+    reg = start_reg_params(make_model())
+    opt = mas_optim.LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=REG_LAMBDA,
+                             lr=LR, momentum=MOMENTUM)
+    for x, y in train_batches():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    omega = mas_optim.compute_omega(model, omega_batches(0, 1))
+    mas_optim.consolidate_reg_params(reg, model, omega)
+    return model, reg
+
+
+@pytest.mark.parametrize("label", list(OMEGA_KWARGS))
+def test_omega_over_two_sharded_ranks_equals_one_process(ranks, label):
+    out, reports = ranks
+    want = mas_optim.compute_omega(make_model(), omega_batches(0, 1), **OMEGA_KWARGS[label])
+    got = torch.load(out / f"omega_{label}.pt")
+    assert got.keys() == want.keys()
+    for n in want:
+        assert rel_err(got[n], want[n]) <= 1e-5, (label, n, rel_err(got[n], want[n]))
+    for report in reports:  # each rank kept only its slice, placed like the parameter
+        placed = report[f"omega_{label}_placed"]
+        assert placed and all(placed.values()), placed
+
+
+def test_local_sgd_with_penalty_on_sharded_model_matches_one_process(ranks):
+    out, _ = ranks
+    model, _ = one_process_training()
+    got = torch.load(out / "weights.pt")
+    start = dict(make_model().named_parameters())
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, start[n]), n  # the steps did move every parameter
+        assert rel_err(got[n], p.detach()) <= 1e-5, (n, rel_err(got[n], p.detach()))
+
+
+def test_any_optimizer_penalty_on_sharded_model_matches_one_process(ranks):
+    out, _ = ranks
+    want = train_adamw(make_model(), rank=0)   # AdamW + add_mas_penalty on whole batches
+    got = torch.load(out / "adamw.pt")
+    start = dict(make_model().named_parameters())
+    for n, p in want.items():
+        assert not torch.equal(p, start[n].detach()), n
+        assert rel_err(got[n], p) <= 1e-5, (n, rel_err(got[n], p))
+
+
+def test_omega_and_anchor_after_sharded_task_match_one_process(ranks):
+    out, _ = ranks
+    _, want = one_process_training()
+    got = torch.load(out / "full_reg.pt")
+    for n in want:
+        for k in ("omega", "init_val"):
+            assert rel_err(got[n][k], want[n][k]) <= 1e-5, (n, k, rel_err(got[n][k], want[n][k]))
+
+
+def test_init_reg_params_on_sharded_model_is_placed_like_parameters(ranks):
+    for report in ranks[1]:
+        assert report["init_placed"] and all(report["init_placed"].values()), report
+        assert report["init_values"]  # θ* = this rank's slice of θ, Ω = 0
+
+
+def test_consolidate_on_sharded_model_keeps_reg_params_placed_like_parameters(ranks):
+    for report in ranks[1]:
+        assert report["consolidated_placed"] and all(report["consolidated_placed"].values())
+
+
+def test_file_written_by_two_ranks_loads_in_one_process_with_identical_omega(ranks):
+    out, _ = ranks
+    held = torch.load(out / "full_reg.pt")       # what the two ranks held, gathered
+    loaded = mas_optim.load_reg_params(out / "two_ranks.pickle", model=make_model())
+    assert loaded.keys() == held.keys()
+    for n in held:
+        for k in ("omega", "init_val"):
+            assert not mas_optim.sharded.is_sharded(loaded[n][k])
+            assert torch.equal(loaded[n][k], held[n][k]), (n, k)
+
+
+def test_file_written_by_one_process_gives_each_rank_its_slice(ranks):
+    out, reports = ranks
+    full = mas_optim.load_reg_params(out / "one_process.pickle")
+    for r, report in enumerate(reports):
+        assert report["loaded_placed"] and all(report["loaded_placed"].values())
+        slices = torch.load(out / f"loaded_{r}.pt")
+        for n, entry in full.items():
+            for k, t in entry.items():
+                # fully_shard's Shard(0): rank r holds chunk r of the first dimension
+                assert torch.equal(slices[n][k], t.chunk(WORLD, dim=0)[r]), (r, n, k)
+
+
+def test_file_written_by_two_ranks_reloads_into_two_ranks_unchanged(ranks):
+    assert all(report["reloaded_equal"] for report in ranks[1])
+
+
+@pytest.mark.parametrize("name,message", [
+    ("hostile.pickle", "refused: the file asks to load"),
+    ("truncated.pickle", "damaged or truncated"),
+    ("wrong_shape.pickle", "the model's has"),
+    ("empty.pickle", "empty file"),
+])
+def test_hostile_or_damaged_file_is_refused_on_sharded_model(ranks, name, message):
+    assert name in HOSTILE
+    for report in ranks[1]:
+        kind, text = report[name]
+        assert kind == "RegParamsError" and name in text and message in text, report[name]
