@@ -88,12 +88,16 @@ def check_entry(name: str, entry: Mapping[str, Tensor], p: Tensor) -> None:
     for key in _KEYS:
         t = entry[key]
         if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
-            changed = (" (the parameter changed shape, e.g. a growing head: re-create its entry "
-                       "or leave it out of reg_params)" if t.shape != p.shape else
-                       " (load_reg_params(path, model) moves entries to the model's device)")
+            if t.shape != p.shape:
+                hint = (" (the parameter changed shape, e.g. a growing head: re-create its "
+                        "entry or leave it out of reg_params)")
+            elif t.device != p.device:
+                hint = " (load_reg_params(path, model) moves entries to the model's device)"
+            else:
+                hint = f" (convert the entry with .to({p.dtype}))"
             raise ValueError(
                 f"reg_params[{name!r}][{key!r}] is {tuple(t.shape)} {t.dtype} on {t.device}, "
-                f"the parameter is {tuple(p.shape)} {p.dtype} on {p.device}{changed}")
+                f"the parameter is {tuple(p.shape)} {p.dtype} on {p.device}{hint}")
         if is_sharded(t) != is_sharded(p) or (
                 is_sharded(p) and (t.placements != p.placements or t.device_mesh != p.device_mesh)):
             raise ValueError(

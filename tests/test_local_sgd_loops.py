@@ -1,0 +1,369 @@
+"""LocalSgd in other people's training loops: no silent skips, copies and checkpoints that keep
+penalising, state dicts that cannot switch the penalty off, one validation for every door."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mas_optim
+from mas_optim import LocalSgd
+from mas_optim import local_sgd as local_sgd_module
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def random_reg_params(model, seed=1, skip=()):
+    g = torch.Generator().manual_seed(seed)
+    return {n: {"omega": torch.rand(p.shape, generator=g) * 2,
+                "init_val": p.detach() + 0.3 * torch.randn(p.shape, generator=g)}
+            for n, p in model.named_parameters() if n not in skip}
+
+
+def autograd_penalty(model, reg_params, lam):
+    return lam * sum((reg_params[n]["omega"] * (p - reg_params[n]["init_val"]) ** 2).sum()
+                     for n, p in model.named_parameters() if n in reg_params)
+
+
+def batches(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(5, 8, generator=g), torch.randint(0, 3, (5,), generator=g))
+            for _ in range(n)]
+
+
+def step(model, opt, x, y, extra=None):
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    if extra is not None:
+        loss = loss + extra()
+    loss.backward()
+    opt.step()
+
+
+def assert_same(a, b, atol=1e-6):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=n)
+
+
+# ------------------------------------------------------------------ every parameter is updated
+
+def test_parameters_appended_without_names_are_trained_like_sgd():
+    """As Avalanche's dynamic optimizer (and a loop that extends a group) adds a new head."""
+    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
+    ref, ours = make_model(), make_model()
+    reg = random_reg_params(ref, skip=("2.weight", "2.bias"))
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(list(ours[0].named_parameters(prefix="0")), reg_params=copy.deepcopy(reg),
+                   reg_lambda=lam, **hp)
+    opt.param_groups[0]["params"].extend(ours[2].parameters())
+    head_before = ours[2].weight.detach().clone()
+    for x, y in batches(4):
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+    assert not torch.equal(ours[2].weight, head_before)
+    assert_same(ref, ours)
+
+
+def test_add_param_group_without_names_gets_sgd():
+    hp = dict(lr=0.05, momentum=0.9)
+    ref, ours = make_model(), make_model()
+    reg = random_reg_params(ref, skip=("2.weight", "2.bias"))
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(list(ours[0].named_parameters(prefix="0")), reg_params=copy.deepcopy(reg),
+                   reg_lambda=0.7, **hp)
+    opt.add_param_group({"params": ours[2].parameters()})
+    for x, y in batches(4):
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, 0.7))
+        step(ours, opt, x, y)
+    assert_same(ref, ours)
+    assert opt.param_groups[1]["param_names"] == [None, None]
+
+
+def test_a_parameter_that_changed_shape_is_named_in_the_error():
+    """A growing head (Avalanche's IncrementalClassifier) replaces its parameter in place."""
+    model = make_model()
+    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model), lr=0.1)
+    model[2].weight = nn.Parameter(torch.zeros(5, 16))
+    opt.param_groups[0]["params"][2] = model[2].weight
+    model[2].weight.grad = torch.ones(5, 16)
+    with pytest.raises(ValueError, match=r"reg_params\['2.weight'\]\['omega'\] is \(3, 16\).*"
+                                         r"the parameter is \(5, 16\).*changed shape"):
+        opt.step()
+
+
+def test_parameters_removed_without_their_names_are_an_error():
+    model = make_model()
+    opt = LocalSgd(model.named_parameters(), lr=0.1)
+    opt.param_groups[0]["params"].pop(0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="4 param_names for 3 params"):
+        opt.step()
+
+
+# ------------------------------------------------------------------ copies keep penalising
+
+def pickle_round_trip(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
+def torch_round_trip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("copier", [pickle_round_trip, copy.deepcopy, torch_round_trip],
+                         ids=["pickle", "deepcopy", "torch.save"])
+def test_a_copy_with_its_model_keeps_penalising(copier):
+    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
+    ref, ours = make_model(), make_model()
+    reg = random_reg_params(ref)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
+                   track_path_integral=True, **hp)
+    data = batches(6)
+    for x, y in data[:3]:
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+    copied = copier({"model": ours, "opt": opt})
+    model2, opt2 = copied["model"], copied["opt"]
+    assert opt2.track_path_integral and set(opt2.reg_params) == set(reg)
+    assert opt2.penalty().item() == pytest.approx(opt.penalty().item(), rel=1e-6)
+    for x, y in data[3:]:
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+        step(model2, opt2, x, y)
+    assert_same(ref, model2)
+
+
+def test_the_optimizer_alone_round_trips_through_pickle():
+    model = make_model()
+    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model),
+                   reg_lambda=0.5, lr=0.1)
+    clone = pickle_round_trip(opt)
+    assert clone.penalty().item() == pytest.approx(opt.penalty().item(), rel=1e-6)
+    assert clone.param_groups[0]["reg_lambda"] == 0.5
+
+
+def test_an_older_pickled_state_gets_the_missing_attributes():
+    """What torch's own __getstate__ kept (defaults, state, param_groups) still unpickles."""
+    model = make_model()
+    opt = LocalSgd(model.named_parameters(), reg_lambda=0.5, lr=0.1)
+    old = torch.optim.Optimizer.__getstate__(opt)
+    for group in old["param_groups"]:
+        del group["proximal"]
+    clone = LocalSgd.__new__(LocalSgd)
+    clone.__setstate__(copy.deepcopy(old))
+    assert clone.reg_params == {} and clone.track_path_integral is False
+    assert clone.param_groups[0]["proximal"] is False
+    for p in clone.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    clone.step()
+
+
+# ------------------------------------------------------------------ load_state_dict
+
+def test_state_dict_saved_under_ddp_names_keeps_the_optimizers_names():
+    model = make_model()
+    reg = random_reg_params(model)
+    opt = LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=1.0, lr=0.1)
+    before = opt.penalty().item()
+    ddp_like = LocalSgd([("module." + n, p) for n, p in make_model().named_parameters()],
+                        reg_lambda=1.0, lr=0.1)
+    opt.load_state_dict(ddp_like.state_dict())
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    assert before > 0 and opt.penalty().item() == before
+
+
+def test_state_dict_of_other_parameters_is_refused():
+    model = make_model()
+    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model), lr=0.1)
+    other = LocalSgd([("backbone." + n, p) for n, p in make_model().named_parameters()])
+    with pytest.raises(ValueError, match=r"names parameter 0 of param group 0 'backbone.0.weight'"
+                                         r", this optimizer names it '0.weight'"):
+        opt.load_state_dict(other.state_dict())
+
+
+def test_plain_sgd_state_dict_keeps_per_group_lambda_and_proximal():
+    model = make_model()
+    groups = [{"params": list(model[0].named_parameters(prefix="0")), "reg_lambda": 2.0,
+               "proximal": True},
+              {"params": list(model[2].named_parameters(prefix="2")), "reg_lambda": 0.0}]
+    opt = LocalSgd(groups, reg_params=random_reg_params(model), lr=0.1)
+    sgd = torch.optim.SGD([{"params": list(model[0].parameters())},
+                           {"params": list(model[2].parameters())}], lr=0.3)
+    opt.load_state_dict(sgd.state_dict())
+    assert [g["reg_lambda"] for g in opt.param_groups] == [2.0, 0.0]
+    assert [g["proximal"] for g in opt.param_groups] == [True, False]
+    assert [g["lr"] for g in opt.param_groups] == [0.3, 0.3]
+
+
+# ------------------------------------------------------------------ validation, every door
+
+def nan_omega(model):
+    reg = random_reg_params(model)
+    reg["0.bias"]["omega"][3] = float("nan")
+    return reg
+
+
+@pytest.mark.parametrize("door", ["constructor", "setter", "step"])
+def test_nan_omega_is_refused_at_every_door(door):
+    model = make_model()
+    with pytest.raises(ValueError, match=r"reg_params\['0.bias'\]\['omega'\] holds NaN or Inf"):
+        if door == "constructor":
+            LocalSgd(model.named_parameters(), reg_params=nan_omega(model))
+        opt = LocalSgd(model.named_parameters())
+        if door == "setter":
+            opt.reg_params = nan_omega(model)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step(nan_omega(model))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e.__setitem__("omega", torch.zeros(3)), r"\['omega'\] is \(3,\)"),
+    (lambda e: e["init_val"].fill_(float("inf")), r"\['init_val'\] holds NaN or Inf"),
+    (lambda e: e["omega"].fill_(-1.0), r"\['omega'\] holds negative values"),
+    (lambda e: e.__setitem__("omega", torch.zeros(16, dtype=torch.float64)),
+     r"\['omega'\] is \(16,\) torch.float64"),
+])
+def test_an_entry_changed_after_construction_is_refused_at_the_step(change, message):
+    model = make_model()
+    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model), lr=0.1)
+    change(opt.reg_params["0.bias"])
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError, match=r"reg_params\['0.bias'\]" + message):
+        opt.step()
+
+
+def test_a_stray_lambda_entry_is_named_with_the_reg_lambda_hint():
+    model = make_model()
+    reg = random_reg_params(model)
+    reg["lambda"] = 1.0  # the original code's way of passing λ
+    with pytest.raises(TypeError, match=r"reg_params\['lambda'\] is a float.*reg_lambda="):
+        LocalSgd(model.named_parameters(), reg_params=reg)
+
+
+@pytest.mark.parametrize("lam", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 1,
+                                 np.int64(1)], ids=["np.float32", "np.float64", "0-dim", "int",
+                                                    "np.int64"])
+def test_any_real_scalar_is_a_reg_lambda(lam):
+    model = make_model()
+    opt = LocalSgd(model.named_parameters(), reg_lambda=lam)
+    assert type(opt.param_groups[0]["reg_lambda"]) is float
+    assert opt.param_groups[0]["reg_lambda"] == float(lam)
+
+
+@pytest.mark.parametrize("lam, message", [
+    ("0.1", "'0.1' is a string; convert it with float"),
+    (torch.tensor([0.1]), "a tensor of shape \\(1,\\)"),
+    (True, "Invalid reg_lambda value: True"),
+    (float("inf"), "Invalid reg_lambda value: inf"),
+])
+def test_non_scalars_and_strings_are_not_a_reg_lambda(lam, message):
+    with pytest.raises(ValueError, match=message):
+        LocalSgd(make_model().named_parameters(), reg_lambda=lam)
+
+
+def test_freeze_layers_as_one_string_is_one_name():
+    model = make_model()
+    reg = mas_optim.init_reg_params(model, freeze_layers="2.weight")
+    assert set(reg) == {"0.weight", "0.bias", "2.bias"}
+
+
+# ------------------------------------------------------------------ implementations
+
+HYPER = [
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.8, dampening=0.3, nesterov=False),
+    dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.02),
+    dict(lr=0.05, weight_decay=0.05, maximize=True),
+]
+
+
+def run_against_reference(hp, lam=0.7, **options):
+    ref, ours = make_model(), make_model()
+    reg = random_reg_params(ref, skip=("2.bias",))
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
+                   **hp, **options)
+    sign = -1.0 if hp.get("maximize") else 1.0
+    for x, y in batches(5):
+        step(ref, opt_ref, x, y, lambda: sign * autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+    assert_same(ref, ours, atol=1e-5)
+    return opt
+
+
+@pytest.mark.parametrize("hp", HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
+@pytest.mark.parametrize("options", [dict(foreach=True), dict(cache_penalty=False),
+                                     dict(foreach=True, cache_penalty=False)],
+                         ids=["foreach", "uncached", "foreach-uncached"])
+def test_foreach_and_uncached_paths_match_the_penalised_loss(hp, options):
+    opt = run_against_reference(hp, **options)
+    if not options.get("cache_penalty", True):
+        assert all(t.slope is None for t in opt._penalty_cache.values())
+
+
+@pytest.mark.parametrize("hp", HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
+def test_fused_kernel_matches_the_penalised_loss(hp, monkeypatch):
+    """The fused step's single-pass body (compilation is checked in its own test)."""
+    calls = []
+
+    def eager_kernel():
+        def run(*args):
+            calls.append(1)
+            return local_sgd_module._fused_kernel_body(*args)
+        return run
+
+    monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel", eager_kernel)
+    run_against_reference(hp, fused=True)
+    assert calls  # the fused body ran
+
+
+def test_fused_falls_back_with_one_warning_when_compilation_fails(monkeypatch):
+    def no_compiler():
+        def fail(*args):
+            raise RuntimeError("Compiler: g++ not found\nmore lines")
+        return fail
+
+    monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel", no_compiler)
+    with pytest.warns(RuntimeWarning, match="could not build the fused step.*g\\+\\+ not found"
+                      ) as record:
+        run_against_reference(dict(lr=0.05, momentum=0.9), fused=True)
+    assert len(record) == 1
+
+
+def test_fused_kernel_traces_as_one_graph_and_matches_the_penalised_loss(monkeypatch):
+    """torch.compile(fullgraph=True) captures the kernel whole (no graph break, which would
+    mean no single-pass kernel). The aot_eager backend runs that graph without generating C++,
+    which keeps this test fast; benchmarks/bench_step.py runs the real inductor build."""
+    def traced():
+        return torch.compile(local_sgd_module._fused_kernel_body, backend="aot_eager",
+                             dynamic=True, fullgraph=True)
+
+    monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel", traced)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+        opt = run_against_reference(dict(lr=0.05, momentum=0.9, nesterov=True), fused=True)
+    assert opt._fused_kernel not in (None, False)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(differentiable=True), ValueError, "does not support differentiable=True"),
+    (dict(fused=True, foreach=True), RuntimeError, "`fused` and `foreach` cannot be `True`"),
+])
+def test_options_torch_refuses_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LocalSgd(make_model().named_parameters(), **kwargs)
