@@ -59,25 +59,52 @@ def omega_job(rank, out_dir):
         torch.save(omega, os.path.join(out_dir, f"omega_{per_sample}_{rank}.pt"))
 
 
-def ddp_job(rank, out_dir):
-    model = make_model()
+DDP_LAMBDA, DDP_HP, DDP_STEPS = 0.5, dict(lr=0.05, momentum=0.9), 4
+
+
+def ddp_reg_params(model):
     reg = mas_optim.init_reg_params(model)
     g = torch.Generator().manual_seed(3)
     for entry in reg.values():
         entry["omega"].uniform_(0, 1, generator=g)
         entry["init_val"].add_(0.1)
+    return reg
+
+
+def rank_batches(rank):
+    gen = torch.Generator().manual_seed(10 + rank)  # each rank its own data
+    return [(torch.randn(6, 1, 6, 6, generator=gen), torch.randint(0, 3, (6,), generator=gen))
+            for _ in range(DDP_STEPS)]
+
+
+def ddp_job(rank, out_dir):
+    model = make_model()
     ddp = DDP(model)
     # DDP names parameters "module.*": key reg_params by the names the optimizer sees.
     opt = mas_optim.LocalSgd(ddp.named_parameters(),
-                             reg_params={"module." + n: e for n, e in reg.items()},
-                             reg_lambda=0.5, lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(10 + rank)  # each rank its own data
-    for _ in range(4):
-        x, y = torch.randn(6, 1, 6, 6, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+                             reg_params={"module." + n: e
+                                         for n, e in ddp_reg_params(model).items()},
+                             reg_lambda=DDP_LAMBDA, **DDP_HP)
+    for x, y in rank_batches(rank):
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
     torch.save(model.state_dict(), os.path.join(out_dir, f"ddp_{rank}.pt"))
+
+
+def one_process(reg_lambda):
+    """What DDP computes, in one process: the mean of the two ranks' losses (each rank's half
+    through the model on its own, so BatchNorm uses per-half statistics, as on each rank)."""
+    model = make_model()
+    opt = mas_optim.LocalSgd(model.named_parameters(), reg_params=ddp_reg_params(model),
+                             reg_lambda=reg_lambda, **DDP_HP)
+    for (x0, y0), (x1, y1) in zip(rank_batches(0), rank_batches(1)):
+        opt.zero_grad()
+        loss = (nn.functional.cross_entropy(model(x0), y0)
+                + nn.functional.cross_entropy(model(x1), y1)) / 2
+        loss.backward()
+        opt.step()
+    return dict(model.named_parameters())
 
 
 def spawn(job, out_dir):
@@ -101,12 +128,12 @@ def test_compute_omega_over_two_ranks_equals_one_process_on_all_data(tmp_path):
             assert err <= 1e-5, (per_sample, n, err)
 
 
-def test_local_sgd_inside_ddp_keeps_ranks_identical(tmp_path):
+def test_local_sgd_inside_ddp_equals_one_process_with_the_penalty(tmp_path):
     out = spawn(ddp_job, tmp_path)
     a, b = (torch.load(os.path.join(out, f"ddp_{r}.pt")) for r in (0, 1))
-    start = make_model().state_dict()
-    # parameters only: BatchNorm's running statistics follow each rank's own data
-    params = [n for n, _ in make_model().named_parameters()]
-    for k in params:
+    want, unpenalised = one_process(DDP_LAMBDA), one_process(0.0)
+    for k, p in want.items():  # parameters only: BatchNorm's running statistics differ
         assert torch.equal(a[k], b[k]), k
-    assert all(not torch.equal(a[k], start[k]) for k in params)
+        torch.testing.assert_close(a[k], p.detach(), rtol=1e-5, atol=1e-6, msg=k)
+    # guards the comparison: without the penalty the result is measurably different
+    assert max((want[k] - unpenalised[k]).abs().max().item() for k in want) > 1e-3

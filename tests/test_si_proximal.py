@@ -58,7 +58,23 @@ def test_path_integral_by_hand_over_momentum_steps():
     # reset: a second call right away has w = 0 and θ_start = θ
     again = opt.path_integral_omega(xi=xi)
     assert all(not t.any() for t in again.values())
-    mas_optim.consolidate_reg_params(reg, model, got)  # feeds consolidation like any Ω
+
+
+
+def test_path_integral_omega_consolidates_like_any_omega():
+    model = make_mlp()
+    reg = mas_optim.init_reg_params(model)
+    opt = LocalSgd(model.named_parameters(), reg_params=reg, lr=0.1, track_path_integral=True)
+    for x, y in data(3):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    got = opt.path_integral_omega(xi=0.1)
+    before = {n: e["omega"].clone() for n, e in reg.items()}
+    mas_optim.consolidate_reg_params(reg, model, got)
+    for n, p in model.named_parameters():
+        assert torch.equal(reg[n]["omega"], before[n] + got[n]), n
+        assert torch.equal(reg[n]["init_val"], p.detach()), n
 
 
 def test_path_integral_requires_tracking_and_valid_xi():
