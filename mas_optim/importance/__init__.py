@@ -1,0 +1,26 @@
+r"""compute_omega: MAS parameter importance (paper Eq. 2), exact and fast.
+
+.. math::
+    \Omega_{ij} = \frac{1}{N} \sum_{k=1}^{N} \left|
+        \frac{\partial \lVert F(x_k; \theta) \rVert_2^2}{\partial \theta_{ij}} \right|
+
+The absolute value sits *inside* the mean over samples, so the gradient of a whole batch (which
+sums before the absolute value) is a different quantity. The original code took batch size 1 to
+get it; here one batched forward and backward gives it exactly (:mod:`.per_sample`):
+
+* a module with a rule (:mod:`.rules`: :mod:`.linear`, :mod:`.conv`, :mod:`.norm`,
+  :mod:`.embedding`, :mod:`.rnn`) forms its per-sample gradients from its input and output
+  gradient, without a per-sample forward or backward;
+* any other parameter gets its per-sample gradients from ``torch.func`` (:mod:`.functional`):
+  the vector-Jacobian product of the one module that holds it (e.g. ``nn.MultiheadAttention``),
+  or of the whole network when no module can be proven to see one sample per row;
+* which dimension holds the samples is proven for every module from the data flow, never
+  assumed from shapes.
+
+The model runs in eval mode (BatchNorm uses its running statistics, dropout is off), so a batch
+is processed exactly as its samples would be one by one.
+"""
+
+from .engine import all_reduce_sums, compute_omega, omega_sums
+
+__all__ = ["all_reduce_sums", "compute_omega", "omega_sums"]

@@ -1,0 +1,340 @@
+r"""Exact per-sample Ω (paper Eq. 2) from one batched forward and backward.
+
+**What is proven, and how.** A rule reads sample k's part of a module's input and output
+gradient from one dimension of the batched tensors. That this dimension holds the samples is
+never taken from shapes alone (a sequence-first layer with sequence length == batch size has
+the batch size on dim 0 too); it is proven for every batch from the data flow:
+
+1. *Probe.* After the batched forward, the network runs again on a probe batch made of a few
+   of the same samples in another order (samples 1, 0; sample 1 alone for a batch of two;
+   sample 0 twice for a batch of one). For every call of every module, each input and output
+   tensor of the batched run is compared with the probe run's: its sample dimension is the one
+   dimension whose size is the batch size there and the probe size here (all others equal), and
+   the probe's values must be the batched values of the probe samples along it, within
+   floating-point tolerance. A tensor equal in both runs is shared by all samples (a mask).
+   A module is *proven* when it ran exactly once in both runs, its inputs were not changed in
+   place afterwards, every tensor passed the test and every output that needs a gradient has a
+   sample dimension. The network's output F must pass too (samples do not interact in eval
+   mode), or nothing is proven.
+2. *Uses.* While the batched forward runs, a ``TorchFunctionMode`` records, for every trainable
+   parameter, which modules were running whenever an operation used it. A parameter is assigned
+   to the innermost proven module that was running at *every* use of it: then the parameter's
+   per-sample gradient is that module's own vector-Jacobian product at sample k. A parameter
+   that the module holding it uses only inside its own ``forward`` gets that module type's rule
+   (:mod:`~mas_optim.importance.rules`) if it has one and the rule accepts the layout; any other
+   (tied weights, a layer called twice, a parameter used in a parent's ``forward``, a module
+   without a rule) gets the module's vector-Jacobian product by ``torch.func`` (only that module
+   reruns); with no proven module at all, the whole network per sample by ``torch.func``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+
+from .base import Call
+from .functional import Functional
+from .rules import rule_for
+
+Forward = Callable[[Any], List[Tensor]]  # batch -> the tensors that make up F(x)
+
+
+def squared_norm(outputs: List[Tensor]) -> Tensor:
+    """Σ_k ‖F(x_k)‖²: in eval mode its gradient for sample k alone is that of ‖F(x_k)‖²."""
+    return sum(o.to(torch.promote_types(o.dtype, torch.float32)).square().sum() for o in outputs)
+
+
+def probe_rows(n: int) -> List[int]:
+    return [1, 0] if n >= 3 else [1] if n == 2 else [0, 0]
+
+
+def select_samples(batch: Any, n: int, rows: List[int]) -> Any:
+    """The batch restricted to ``rows``: every tensor whose dim 0 has the batch size."""
+    leaves, spec = tree_flatten(batch)
+    index = None
+    out = []
+    for t in leaves:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n:
+            index = torch.tensor(rows, device=t.device) if index is None else index.to(t.device)
+            t = t.index_select(0, index)
+        out.append(t)
+    return tree_unflatten(out, spec)
+
+
+def sample_dims(batch: Any, n: int) -> List[Optional[int]]:
+    return [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else None
+            for t in tree_leaves(batch)]
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-7, torch.float32: 1e-3}.get(dtype, 3e-2)
+
+
+def sample_dim(full: Any, probe: Any, n: int, rows: List[int]) -> Tuple[bool, Optional[int]]:
+    """(proven, dim): the dimension of ``full`` holding the n samples, by comparison with the
+    probe run's ``probe``; dim None for a leaf that is the same for every sample."""
+    if not isinstance(full, Tensor) or not isinstance(probe, Tensor):
+        try:
+            return bool(full is probe or full == probe), None
+        except Exception:
+            return False, None
+    if full.dim() != probe.dim() or full.is_complex():
+        return False, None
+    if full.shape == probe.shape:
+        return _close(full, probe), None
+    changed = [i for i in range(full.dim()) if full.shape[i] != probe.shape[i]]
+    if len(changed) != 1 or full.shape[changed[0]] != n or probe.shape[changed[0]] != len(rows):
+        return False, None
+    d = changed[0]
+    expected = full.index_select(d, torch.tensor(rows, device=full.device))
+    return _close(expected, probe), d
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    a, b = a.detach(), b.detach()
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tol = _tolerance(a.dtype)
+    scale = a.abs().max().item() if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * scale))
+
+
+class _Uses(TorchFunctionMode):
+    """Records, for each parameter (by id), the stacks of running modules at its uses."""
+
+    def __init__(self, ids: Dict[int, str], stack: List[nn.Module]) -> None:
+        super().__init__()
+        self.ids, self.stack = ids, stack
+        self.uses: Dict[str, Set[Tuple[nn.Module, ...]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in (*args, *kwargs.values()):
+            for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                name = self.ids.get(id(t))
+                if name is not None:
+                    self.uses.setdefault(name, set()).add(tuple(self.stack))
+        return func(*args, **kwargs)
+
+
+class _Recorder:
+    """Hooks on every module: its calls (inputs, outputs), the module stack, output gradients."""
+
+    def __init__(self, model: nn.Module, keep_grads: bool) -> None:
+        self.calls: Dict[nn.Module, List[Call]] = {}
+        self.stack: List[nn.Module] = []
+        self.keep_grads = keep_grads
+        self.wanted: Set[int] = set()  # ids of calls whose output gradients are kept
+        self.handles = []
+        for m in model.modules():
+            self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post, with_kwargs=True,
+                                                        always_call=True))
+
+    def _pre(self, m: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.stack.append(m)
+        leaves = tree_leaves((args, kwargs))
+        call = Call(args, kwargs, leaves, [],
+                    in_versions=[t._version if isinstance(t, Tensor) else 0 for t in leaves])
+        self.calls.setdefault(m, []).append(call)
+
+    def _post(self, m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        self.stack.pop()
+        call = self.calls[m][-1]
+        call.out_leaves, call.out_spec = tree_flatten(out)
+        call.grads = [None] * len(call.out_leaves)
+        call.out_versions = [t._version if isinstance(t, Tensor) else 0 for t in call.out_leaves]
+        if not self.keep_grads:
+            return
+        for i, t in enumerate(call.out_leaves):
+            if isinstance(t, Tensor) and t.requires_grad:
+                # A tensor hook sees the gradient of this very output even if a later in-place
+                # op (ReLU(inplace=True)) rewrites the tensor.
+                t.register_hook(self._grad_hook(call, i))
+
+    def _grad_hook(self, call: Call, i: int):
+        def hook(g: Tensor) -> None:
+            if id(call) in self.wanted:
+                call.grads[i] = g.detach()
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class PerSampleEngine:
+    """Σ_k |∂‖F(x_k)‖²/∂θ| for the given parameters, per batch."""
+
+    def __init__(self, model: nn.Module, params: Dict[str, Tensor], forward: Forward) -> None:
+        self.model, self.params, self.forward = model, params, forward
+        self.ids = {id(p): n for n, p in params.items()}
+        self.functional = Functional()
+
+    def accumulate(self, batch: Any, n: int, sums: Dict[str, Tensor]) -> None:
+        rec = _Recorder(self.model, keep_grads=True)
+        try:
+            with torch.enable_grad():
+                uses_mode = _Uses(self.ids, rec.stack)
+                with uses_mode:
+                    outputs = self.forward(batch)
+                rec.remove()
+                loss = squared_norm(outputs)
+                proven = self._prove(rec, batch, outputs, n)
+                plan, rest = self._assign(uses_mode.uses, proven, rec)
+                self._backward(loss, plan, rec, rest)
+        finally:
+            rec.remove()
+        for m, (call, fast, local) in plan.items():
+            if fast:
+                rule_for(m).apply(m, call, {attr: sums[name] for attr, name in fast.items()})
+            if local:
+                self._local(m, call, local, sums)
+        if rest:
+            self._whole(batch, n, rest, sums)
+
+    # -- 1. which modules are proven, and their sample dimensions
+    def _prove(self, rec: _Recorder, batch: Any, outputs: List[Tensor], n: int
+               ) -> Dict[nn.Module, Call]:
+        rows = probe_rows(n)
+        probe = _Recorder(self.model, keep_grads=False)
+        try:
+            probe_outputs = self.forward(select_samples(batch, n, rows))
+        except Exception:  # e.g. a model written for one batch size: nothing is proven
+            return {}
+        finally:
+            probe.remove()
+        for full, small in zip(outputs, probe_outputs):
+            ok, d = sample_dim(full, small, n, rows)
+            if not ok or d is None:
+                return {}
+        proven = {}
+        for m, calls in rec.calls.items():
+            small = probe.calls.get(m, [])
+            if len(calls) != 1 or len(small) != 1:
+                continue
+            call, other = calls[0], small[0]
+            if (len(call.in_leaves) != len(other.in_leaves)
+                    or len(call.out_leaves) != len(other.out_leaves)
+                    or any(isinstance(t, Tensor) and t._version != v
+                           for t, v in zip(call.in_leaves, call.in_versions))):
+                continue
+            ins = [sample_dim(a, b, n, rows) for a, b in zip(call.in_leaves, other.in_leaves)]
+            outs = [sample_dim(a, b, n, rows) for a, b in zip(call.out_leaves, other.out_leaves)]
+            if not all(ok for ok, _ in ins + outs):
+                continue
+            if any(isinstance(t, Tensor) and t.requires_grad and d is None
+                   for t, (_, d) in zip(call.out_leaves, outs)):
+                continue  # an output every sample shares: its gradient cannot be split
+            call.in_dims = [d for _, d in ins]
+            call.out_dims = [d for _, d in outs]
+            proven[m] = call
+        return proven
+
+    # -- 2. which parameter goes where
+    def _assign(self, uses: Dict[str, Set[tuple]], proven: Dict[nn.Module, Call],
+                rec: _Recorder) -> Tuple[dict, List[str]]:
+        plan: Dict[nn.Module, Tuple[Call, Dict[str, str], Dict[str, str]]] = {}
+        rest: List[str] = []
+        self.unseen = [n for n in self.params if n not in uses]
+        for name, stacks in uses.items():
+            p = self.params[name]
+            first = next(iter(stacks))
+            common = [m for m in first if all(m in s for s in stacks)]
+            owner = next((m for m in reversed(common) if m in proven), None)
+            if owner is None:
+                rest.append(name)
+                continue
+            call = proven[owner]
+            entry = plan.setdefault(owner, (call, {}, {}))
+            attr = next((a for a, q in owner._parameters.items() if q is p), None)
+            rule = rule_for(owner)
+            if (attr is not None and rule is not None and all(s[-1] is owner for s in stacks)
+                    and rule.check(owner, call)):
+                entry[1][attr] = name
+            else:
+                rel = next(r for r, q in owner.named_parameters(remove_duplicate=False) if q is p)
+                entry[2][rel] = name
+        for _, (call, _, _) in plan.items():
+            rec.wanted.add(id(call))
+        return plan, rest
+
+    # -- 3. one backward: every planned module's output gradient
+    def _backward(self, loss: Tensor, plan: dict, rec: _Recorder, rest: List[str]) -> None:
+        targets: List[Tensor] = []
+        slots: List[Tuple[Optional[Call], int]] = []
+        for m, (call, _, _) in plan.items():
+            inputs_need_grad = any(isinstance(t, Tensor) and t.requires_grad
+                                   for t in call.in_leaves)
+            mutated = False
+            for i, t in enumerate(call.out_leaves):
+                if isinstance(t, Tensor) and t.requires_grad:
+                    if t._version == call.out_versions[i]:
+                        targets.append(t)
+                        slots.append((call, i))
+                    else:
+                        mutated = True  # its tensor hook captures the gradient on the way
+            if mutated and not inputs_need_grad:
+                # make the backward pass through this module: ask for one of its parameters
+                p = next(q for q in m.parameters() if q.requires_grad)
+                targets.append(p)
+                slots.append((None, 0))
+        for name in self.unseen:  # used by an operation the mode did not see? then check
+            targets.append(self.params[name])
+            slots.append((None, -1))
+        if not targets:
+            return
+        grads = torch.autograd.grad(loss, targets, allow_unused=True)
+        for (call, i), g, t in zip(slots, grads, targets):
+            if call is not None:
+                call.grads[i] = None if g is None else g.detach()
+            elif i == -1 and g is not None:
+                rest.append(self.ids[id(t)])
+
+    # -- 4. the torch.func paths
+    def _local(self, m: nn.Module, call: Call, names: Dict[str, str],
+               sums: Dict[str, Tensor]) -> None:
+        keep = [i for i, g in enumerate(call.grads) if g is not None]
+        n_in = len(call.in_leaves)
+        _, in_spec = tree_flatten((call.args, call.kwargs))
+
+        def vjp(params: Dict[str, Tensor], leaves: List[Any]) -> Tensor:
+            args, kwargs = tree_unflatten(leaves[:n_in], in_spec)
+            outs = tree_leaves(torch.func.functional_call(m, params, args, kwargs))
+            return sum((outs[i] * g).sum() for i, g in zip(keep, leaves[n_in:]))
+
+        leaves = call.in_leaves + [call.grads[i] for i in keep]
+        dims = call.in_dims + [call.out_dims[i] for i in keep]
+        n = next(t.shape[d] for t, d in zip(leaves, dims) if d is not None)
+        params = {rel: self.params[name].detach() for rel, name in names.items()}
+        acc = {rel: sums[name] for rel, name in names.items()}
+        self.functional.add_abs_sums(m, vjp, params, leaves, dims, n, acc)
+
+    def _whole(self, batch: Any, n: int, names: List[str], sums: Dict[str, Tensor]) -> None:
+        leaves, spec = tree_flatten(batch)
+        network = _Network(self.model, self.forward)
+
+        def loss(params: Dict[str, Tensor], sample: List[Any]) -> Tensor:
+            return squared_norm(torch.func.functional_call(
+                network, params, (tree_unflatten(sample, spec),)))
+
+        params = {"model." + name: self.params[name].detach() for name in names}
+        acc = {"model." + name: sums[name] for name in names}
+        self.functional.add_abs_sums(self.model, loss, params, leaves, sample_dims(batch, n), n,
+                                     acc)
+
+
+class _Network(nn.Module):
+    """The user's forward as a module, so that torch.func.functional_call can swap the model's
+    parameters for the per-sample ones while it runs."""
+
+    def __init__(self, model: nn.Module, forward: Forward) -> None:
+        super().__init__()
+        self.model, self.run = model, forward
+
+    def forward(self, batch: Any) -> List[Tensor]:
+        return self.run(batch)
