@@ -44,7 +44,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tensors(obj, seen_objects: set) -> Iterable[torch.Tensor]:
-    """Every tensor reachable from obj through dicts, lists, tuples and object attributes."""
+    """Every tensor reachable from obj through dicts, lists, tuples, sets and object attributes
+    (__dict__ and __slots__)."""
     if id(obj) in seen_objects:
         return
     seen_objects.add(id(obj))
@@ -57,8 +58,14 @@ def _tensors(obj, seen_objects: set) -> Iterable[torch.Tensor]:
     elif isinstance(obj, (list, tuple, set)):
         for value in obj:
             yield from _tensors(value, seen_objects)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module)):
-        yield from _tensors(vars(obj), seen_objects)
+    elif not isinstance(obj, (type, nn.Module)):
+        for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
+            yield from _tensors(value, seen_objects)
+        for cls in type(obj).__mro__:   # objects with __slots__ (LocalSgd's cached terms)
+            slots = getattr(cls, "__slots__", ())
+            for slot in (slots,) if isinstance(slots, str) else slots:
+                if hasattr(obj, slot):
+                    yield from _tensors(getattr(obj, slot), seen_objects)
 
 
 class StorageCounter:
