@@ -8,6 +8,10 @@ Learn a sequence of tasks without forgetting the earlier ones:
 * :func:`compute_omega` (and :class:`OmegaSgd`) - the importance Ω after each task;
 * :func:`init_reg_params`, :func:`consolidate_reg_params`, :func:`save_reg_params`,
   :func:`load_reg_params` - what is remembered between tasks, keyed by parameter name.
+
+LocalSgd, add_mas_penalty, compute_omega and the reg_params functions take models sharded by
+FSDP2's ``fully_shard`` too: Ω and θ* are then sharded like the parameters
+(:mod:`mas_optim.sharded`, imported on first use).
 """
 
 from .atomic import atomic_write
