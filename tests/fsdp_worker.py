@@ -30,12 +30,23 @@ OMEGA_KWARGS = {"per_sample": {}, "batch_formula": {"per_sample": False},
 HOSTILE = ("hostile.pickle", "truncated.pickle", "wrong_shape.pickle", "empty.pickle")
 
 
+class Scale(nn.Module):
+    """y = x ⊙ w: a module no importance rule knows, so Ω takes the generic torch.func path,
+    whose number of forwards depends on the number of samples."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 def make_model() -> nn.Module:
-    # Every parameter's first dimension is odd, so the two ranks' slices differ in size;
-    # BatchNorm has no fast rule, so the importance pass runs one forward per sample for it.
+    # Every parameter's first dimension is odd, so the two ranks' slices differ in size.
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3))
+                         nn.Linear(3 * 4 * 4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3))
 
 
 def omega_batches(rank: int, world: int) -> list:
@@ -69,7 +80,7 @@ def shard(model: nn.Module, world: int) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    for i in (0, 4, 6):
+    for i in (0, 4, 5, 7):
         fully_shard(model[i], mesh=mesh)
     fully_shard(model, mesh=mesh)   # the root holds BatchNorm's parameters
     return model
