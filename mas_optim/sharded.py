@@ -85,8 +85,8 @@ def shard_reg_params_like(reg_params: RegParams, model: nn.Module) -> RegParams:
                 raise ValueError(f"reg_params[{name!r}][{key!r}] has shape {tuple(t.shape)}, "
                                  f"the parameter's (global) shape is {tuple(p.shape)}")
             # src_data_rank=None: every rank slices its own full copy, nothing is sent.
-            sharded[key] = distribute_tensor(t.detach(), p.device_mesh, p.placements,
-                                             src_data_rank=None)
+            sharded[key] = distribute_tensor(t.detach().to(p.device), p.device_mesh,
+                                             p.placements, src_data_rank=None)
         out[name] = sharded
     return out
 
@@ -142,7 +142,6 @@ def compute_omega_sharded(model: nn.Module, loader: Iterable, **kwargs: Any) -> 
                 f"compute_omega_sharded: parameter {name!r} is sharded over {p.device_mesh.size()} "
                 f"ranks, the process group has {world}; every rank that passes data must hold a "
                 "slice of each parameter (FSDP/HSDP over all ranks)")
-    device = next(iter(params.values())).device
 
     with _whole_parameters(model):
         for name, p in model.named_parameters():
@@ -151,7 +150,9 @@ def compute_omega_sharded(model: nn.Module, loader: Iterable, **kwargs: Any) -> 
                     f"compute_omega_sharded: parameter {name!r} is a DTensor that fully_shard "
                     "does not manage; only models sharded by fully_shard are supported")
         sums, count = omega_sums(model, loader, **kwargs)
-    # The count rides in the same dtype on every rank; uneven parts give the true mean.
+    # Sample counts summed over the ranks: uneven parts give the true mean, not a mean of the
+    # ranks' means. On the device of the sums (the unsharded parameters'), as NCCL needs.
+    device = next(iter(sums.values())).device
     total = torch.tensor([count], dtype=torch.int64, device=device)
     dist.all_reduce(total)
     n = int(total.item())
@@ -165,7 +166,7 @@ def compute_omega_sharded(model: nn.Module, loader: Iterable, **kwargs: Any) -> 
             mesh = p.device_mesh
             # Every rank's sum is a partial of the total on every mesh dimension; going to the
             # parameter's placements is a reduce-scatter (Shard) or all-reduce (Replicate).
-            s = DTensor.from_local(s.to(device), mesh, [Partial()] * mesh.ndim,
+            s = DTensor.from_local(s, mesh, [Partial()] * mesh.ndim,
                                    run_check=False).redistribute(mesh, p.placements)
         else:
             dist.all_reduce(s)

@@ -134,6 +134,12 @@ def run(rank: int, world: int, out: str) -> None:
         if rank == 0:
             torch.save(full, os.path.join(out, f"omega_{label}.pt"))
 
+    # A rank without data still takes part; the other rank's samples alone make Ω.
+    omega = mas_optim.compute_omega(model, omega_batches(0, 1) if rank == 0 else [])
+    full = {n: o.full_tensor() for n, o in omega.items()}
+    if rank == 0:
+        torch.save(full, os.path.join(out, "omega_one_rank_empty.pt"))
+
     fresh = mas_optim.init_reg_params(model)
     report["init_placed"] = placed_like(fresh, model)
     report["init_values"] = all(

@@ -119,6 +119,14 @@ def test_omega_over_two_sharded_ranks_equals_one_process(ranks, label):
         assert placed and all(placed.values()), placed
 
 
+def test_omega_with_a_rank_without_data_equals_one_process(ranks):
+    out, _ = ranks
+    want = mas_optim.compute_omega(make_model(), omega_batches(0, 1))
+    got = torch.load(out / "omega_one_rank_empty.pt")
+    for n in want:
+        assert rel_err(got[n], want[n]) <= 1e-5, (n, rel_err(got[n], want[n]))
+
+
 def test_local_sgd_with_penalty_on_sharded_model_matches_one_process(ranks):
     out, _ = ranks
     model, _ = one_process_training()
