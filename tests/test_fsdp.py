@@ -205,3 +205,15 @@ def test_hostile_or_damaged_file_is_refused_on_sharded_model(ranks, name, messag
     for report in ranks[1]:
         kind, text = report[name]
         assert kind == "RegParamsError" and name in text and message in text, report[name]
+
+
+def test_full_tensor_of_wrong_shape_is_refused_when_sharding(ranks):
+    for report in ranks[1]:
+        kind, text = report["wrong_shape_error"]
+        assert kind == "ValueError" and "4.weight" in text and "(5, 1)" in text, text
+
+
+def test_omega_of_dtensor_parameter_not_from_fully_shard_is_refused(ranks):
+    for report in ranks[1]:
+        kind, text = report["unmanaged_error"]
+        assert kind == "ValueError" and "'7.weight'" in text and "fully_shard" in text, text
