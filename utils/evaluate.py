@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# forgetting bars: accuracy lost (red) or gained (green) on an earlier task
+FORGOT = "tab:red"
+IMPROVED = "tab:green"
 
 
 @torch.no_grad()
@@ -75,16 +82,24 @@ def report(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any]) -> bytes:
     """``accuracy.png``: the accuracy matrix as a heatmap beside forgetting per task."""
-    import matplotlib
+    buf = io.BytesIO()
+    figure(doc).savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def figure(doc: dict[str, Any]) -> Figure:
+    """The figure of ``accuracy.png``. Forgetting bars are coloured by sign: ``FORGOT`` above
+    the zero line (accuracy lost), ``IMPROVED`` below it (accuracy gained on an earlier task
+    while learning later ones). A plain ``Figure``, not pyplot's: no backend or global figure
+    list is touched."""
+    from matplotlib.figure import Figure
 
     n = len(doc["tasks"])
     grid = [[float("nan")] * n for _ in range(n)]
     for i, row in enumerate(doc["acc_matrix"]):
         grid[i][:len(row)] = row
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig = Figure(figsize=(10, 4.2))
+    left, right = fig.subplots(1, 2)
     image = left.imshow(grid, vmin=0, vmax=100, cmap="viridis")
     for i, row in enumerate(doc["acc_matrix"]):
         for j, value in enumerate(row):
@@ -94,12 +109,12 @@ def plot(doc: dict[str, Any]) -> bytes:
     left.set(xticks=range(n), xticklabels=ticks, yticks=range(n), yticklabels=ticks,
              xlabel="evaluated on task", ylabel="after training task", title="Test accuracy (%)")
     fig.colorbar(image, ax=left, fraction=0.046)
-    right.bar(ticks, doc["forgetting"], color="tab:red")
-    right.axhline(0, color="black", linewidth=0.8)
-    right.set(xlabel="task", ylabel="percentage points",
+    forgetting = doc["forgetting"]
+    right.bar(ticks, forgetting, color=[FORGOT if f > 0 else IMPROVED for f in forgetting])
+    right.axhline(0, color="black", linewidth=1.0, zorder=3)  # above the bars' edges
+    if all(f == 0 for f in forgetting):  # keep the zero line inside the axes
+        right.set_ylim(-1, 1)
+    right.set(xlabel="task", ylabel="percentage points (< 0: improved)",
               title=f"Forgetting (avg {doc['avg_forgetting'] or 0:.2f}pp)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
