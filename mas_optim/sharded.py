@@ -45,13 +45,9 @@ def full_reg_params(reg_params: RegParams) -> RegParams:
     modified; a new dict is returned.
     """
     return {
-        name: {key: _full_cpu(t) if is_sharded(t) else t for key, t in entry.items()}
+        name: {key: t.full_tensor().cpu() if is_sharded(t) else t for key, t in entry.items()}
         for name, entry in reg_params.items()
     }
-
-
-def _full_cpu(t: DTensor) -> Tensor:
-    return t.full_tensor().cpu()
 
 
 def shard_reg_params_like(reg_params: RegParams, model: nn.Module) -> RegParams:

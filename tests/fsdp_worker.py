@@ -101,17 +101,28 @@ def local_slices(reg: dict) -> dict:
             for name, entry in reg.items()}
 
 
-def train_adamw(model: nn.Module, rank: int) -> dict:
-    """AdamW with the MAS penalty attached (add_mas_penalty); returns the full weights. A sharded
-    model's rank takes its half of each batch; an unsharded one (the one-process reference)
-    takes whole batches."""
+def make_optimizer(kind: str, model: nn.Module, reg: dict) -> torch.optim.Optimizer:
+    if kind == "adamw":   # any optimizer, the penalty attached by add_mas_penalty
+        opt = torch.optim.AdamW(model.named_parameters(), lr=LR, weight_decay=0.01)
+        mas_optim.add_mas_penalty(opt, reg, reg_lambda=REG_LAMBDA)
+        return opt
+    # the penalty applied by its proximal map after the SGD step
+    return mas_optim.LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=REG_LAMBDA,
+                              lr=LR, momentum=MOMENTUM, proximal=True)
+
+
+OPTIMIZERS = ("adamw", "proximal")
+
+
+def train_with(kind: str, model: nn.Module, rank: int) -> dict:
+    """A few steps with the optimizer ``kind``; returns the full weights. A sharded model's rank
+    takes its half of each batch; an unsharded one (the one-process reference) whole batches."""
     model.eval()
-    reg = start_reg_params(make_model())
-    if any(is_sharded(p) for p in model.parameters()):
-        reg = shard_reg_params_like(reg, model)
-    opt = torch.optim.AdamW(model.named_parameters(), lr=LR, weight_decay=0.01)
-    mas_optim.add_mas_penalty(opt, reg, reg_lambda=REG_LAMBDA)
     sharded = is_sharded(next(model.parameters()))
+    reg = start_reg_params(make_model())
+    if sharded:
+        reg = shard_reg_params_like(reg, model)
+    opt = make_optimizer(kind, model, reg)
     part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH) if sharded else slice(None)
     for x, y in train_batches():
         opt.zero_grad()
@@ -166,7 +177,7 @@ def run(rank: int, world: int, out: str) -> None:
         F.cross_entropy(model(x[half]), y[half]).backward()
         opt.step()
     weights = {n: p.full_tensor() for n, p in model.named_parameters()}
-    adamw = train_adamw(shard(make_model(), world), rank)
+    others = {kind: train_with(kind, shard(make_model(), world), rank) for kind in OPTIMIZERS}
     omega = mas_optim.compute_omega(model, omega_batches(rank, world))
     mas_optim.consolidate_reg_params(reg, model, omega)
     report["consolidated_placed"] = placed_like(reg, model)
@@ -174,7 +185,8 @@ def run(rank: int, world: int, out: str) -> None:
     full_reg = full_reg_params(reg)
     if rank == 0:
         torch.save(weights, os.path.join(out, "weights.pt"))
-        torch.save(adamw, os.path.join(out, "adamw.pt"))
+        for kind, trained in others.items():
+            torch.save(trained, os.path.join(out, f"{kind}.pt"))
         torch.save(full_reg, os.path.join(out, "full_reg.pt"))
 
     # Files in: one written by one process, the one just written, hostile ones.

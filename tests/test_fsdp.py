@@ -19,9 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mas_optim
-from fsdp_worker import (HOSTILE, LOCAL_BATCH, LR, MOMENTUM, OMEGA_KWARGS, REG_LAMBDA,
-                         make_model, omega_batches, start_reg_params, train_adamw,
-                         train_batches)
+from fsdp_worker import (HOSTILE, LR, MOMENTUM, OMEGA_KWARGS, OPTIMIZERS, REG_LAMBDA,
+                         make_model, omega_batches, start_reg_params, train_batches, train_with)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch built without gloo")
@@ -137,14 +136,15 @@ def test_local_sgd_with_penalty_on_sharded_model_matches_one_process(ranks):
         assert rel_err(got[n], p.detach()) <= 1e-5, (n, rel_err(got[n], p.detach()))
 
 
-def test_any_optimizer_penalty_on_sharded_model_matches_one_process(ranks):
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_penalised_optimizer_on_sharded_model_matches_one_process(ranks, kind):
     out, _ = ranks
-    want = train_adamw(make_model(), rank=0)   # AdamW + add_mas_penalty on whole batches
-    got = torch.load(out / "adamw.pt")
+    want = train_with(kind, make_model(), rank=0)   # one process, whole batches
+    got = torch.load(out / f"{kind}.pt")
     start = dict(make_model().named_parameters())
     for n, p in want.items():
         assert not torch.equal(p, start[n].detach()), n
-        assert rel_err(got[n], p) <= 1e-5, (n, rel_err(got[n], p))
+        assert rel_err(got[n], p) <= 1e-5, (kind, n, rel_err(got[n], p))
 
 
 def test_omega_and_anchor_after_sharded_task_match_one_process(ranks):
