@@ -1,9 +1,11 @@
-"""Speed of the optimizer step, as ratios against torch.optim.SGD measured in the same run.
+"""Speed of the optimizer step, as ratios against the plain optimizer measured in the same run.
 
 time(forward + backward + LocalSgd.step) / time(forward + backward + torch.optim.SGD.step),
-batch 128, momentum 0.9. For reference, the two usual ways of adding the penalty are timed too:
-through autograd in the loss (Avalanche, FACIL) and a Python loop over parameters that adds
-2λΩ(θ−θ*) to .grad before SGD (the reimplementation's optimizer).
+batch 128, momentum 0.9, for LocalSgd's default step, its fused (torch.compile'd) step and its
+step without the two cached tensors. For reference, the two usual ways of adding the penalty
+are timed too: through autograd in the loss (Avalanche, FACIL) and a Python loop over
+parameters that adds 2λΩ(θ−θ*) to .grad before SGD. Then the same for AdamW: the penalty
+attached by mas_optim.add_mas_penalty against plain torch.optim.AdamW.
 
 CPU, one thread, medians of paired repeats (each repeat times baseline and candidate back to
 back, in alternating order). Run:  python benchmarks/bench_step.py
@@ -11,7 +13,7 @@ back, in alternating order). Run:  python benchmarks/bench_step.py
 from __future__ import annotations
 
 import argparse
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ def reg_params_for(model: nn.Module) -> dict:
             for n, p in model.named_parameters()}
 
 
-def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, float]:
+def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, Any]:
     torch.manual_seed(0)
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
     lam, hp = 0.01, dict(lr=1e-3, momentum=0.9)
@@ -53,48 +55,76 @@ def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, float]:
             opt.step()
         return run
 
-    m_sgd = mlp(hidden)
-    m_local = mlp(hidden)
-    m_auto = mlp(hidden)
-    m_loop = mlp(hidden)
-    reg = reg_params_for(m_local)
-    named_auto = list(m_auto.named_parameters())
-    named_loop = list(m_loop.named_parameters())
+    models = {name: mlp(hidden) for name in ("sgd", "local", "fused", "lean", "auto", "loop")}
+    reg = reg_params_for(models["local"])
+    named_auto = list(models["auto"].named_parameters())
+    named_loop = list(models["loop"].named_parameters())
 
-    def autograd_penalty():  # Avalanche / FACIL style
-        return lam * sum((reg[n]["omega"] * (p - reg[n]["init_val"]).pow(2)).sum()
-                         for n, p in named_auto)
+    def autograd_penalty(named):  # Avalanche / FACIL style
+        return lambda: lam * sum((reg[n]["omega"] * (p - reg[n]["init_val"]).pow(2)).sum()
+                                 for n, p in named)
 
     @torch.no_grad()
-    def python_loop():  # the reimplementation's style: grad += 2λΩ(θ − θ*) per parameter
+    def python_loop():  # grad += 2λΩ(θ − θ*), one parameter at a time
         for n, p in named_loop:
             p.grad.add_(2 * lam * reg[n]["omega"] * (p - reg[n]["init_val"]))
 
-    fns = {
-        "baseline": runner(m_sgd, torch.optim.SGD(m_sgd.parameters(), **hp)),
-        "LocalSgd": runner(m_local, mas_optim.LocalSgd(m_local.named_parameters(),
-                                                        reg_params=reg, reg_lambda=lam, **hp)),
-        "autograd penalty": runner(m_auto, torch.optim.SGD(m_auto.parameters(), **hp),
-                                   extra_loss=autograd_penalty),
-        "python loop": runner(m_loop, torch.optim.SGD(m_loop.parameters(), **hp),
+    def local_sgd(model, **options):
+        return mas_optim.LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=lam,
+                                  **hp, **options)
+
+    fused_opt = local_sgd(models["fused"], fused=True)
+    sgd_fns = {
+        "baseline": runner(models["sgd"], torch.optim.SGD(models["sgd"].parameters(), **hp)),
+        "LocalSgd": runner(models["local"], local_sgd(models["local"])),
+        "LocalSgd fused": runner(models["fused"], fused_opt),
+        "LocalSgd uncached": runner(models["lean"], local_sgd(models["lean"],
+                                                               cache_penalty=False)),
+        "autograd penalty": runner(models["auto"], torch.optim.SGD(models["auto"].parameters(),
+                                                                   **hp),
+                                   extra_loss=autograd_penalty(named_auto)),
+        "python loop": runner(models["loop"], torch.optim.SGD(models["loop"].parameters(), **hp),
                               before_step=python_loop),
     }
-    for f in fns.values():  # warm up: momentum buffers, allocator
+    adam_hp = dict(lr=1e-3, weight_decay=0.01)
+    adam = {name: mlp(hidden) for name in ("plain", "hook", "cached", "auto")}
+    adam_opts = {name: torch.optim.AdamW(m.named_parameters(), **adam_hp)
+                 for name, m in adam.items()}
+    mas_optim.add_mas_penalty(adam_opts["hook"], reg, reg_lambda=lam)
+    mas_optim.add_mas_penalty(adam_opts["cached"], reg, reg_lambda=lam, cache_penalty=True)
+    adam_fns = {
+        "baseline": runner(adam["plain"], adam_opts["plain"]),
+        "add_mas_penalty": runner(adam["hook"], adam_opts["hook"]),
+        "add_mas_penalty cached": runner(adam["cached"], adam_opts["cached"]),
+        "autograd penalty": runner(adam["auto"], adam_opts["auto"],
+                                   extra_loss=autograd_penalty(list(adam["auto"].named_parameters()))),
+    }
+    for f in (*sgd_fns.values(), *adam_fns.values()):  # warm up: buffers, allocator, compile
         f()
         f()
-    return paired(fns, repeats, inner)
+    out = {"sgd": paired(sgd_fns, repeats, inner), "adamw": paired(adam_fns, repeats, inner)}
+    out["fused_fell_back"] = fused_opt._fused_kernel is False
+    return out
 
 
 def main(repeats: int) -> None:
-    print("Training step, batch 128, momentum 0.9: time / time(torch.optim.SGD)")
+    print("Training step, batch 128: time / time(plain optimizer), medians of paired repeats")
     for hidden, inner in ((400, 20), (2000, 3)):
         model = mlp(hidden)
         n = sum(p.numel() for p in model.parameters())
         r = bench_step(hidden, repeats, inner)
-        print(f"  MLP 784-{hidden}-{hidden}-10 ({n / 1e6:.2f}M params), SGD "
-              f"{r['baseline_ms']:.2f} ms per step:  LocalSgd {r['LocalSgd']:.3f}x   "
-              f"autograd penalty {r['autograd penalty']:.3f}x   "
-              f"python loop {r['python loop']:.3f}x")
+        s, a = r["sgd"], r["adamw"]
+        print(f"  MLP 784-{hidden}-{hidden}-10 ({n / 1e6:.2f}M params)")
+        print(f"    SGD momentum 0.9, {s['baseline_ms']:.2f} ms per step:  "
+              f"LocalSgd {s['LocalSgd']:.3f}x   fused {s['LocalSgd fused']:.3f}x"
+              f"{' (fell back: no compiler)' if r['fused_fell_back'] else ''}   "
+              f"uncached {s['LocalSgd uncached']:.3f}x   "
+              f"autograd penalty {s['autograd penalty']:.3f}x   "
+              f"python loop {s['python loop']:.3f}x")
+        print(f"    AdamW, {a['baseline_ms']:.2f} ms per step:  "
+              f"add_mas_penalty {a['add_mas_penalty']:.3f}x   "
+              f"cached {a['add_mas_penalty cached']:.3f}x   "
+              f"autograd penalty {a['autograd penalty']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, local
-from .local_sgd import LocalSgd, _proximal_, _Terms
+from .local_sgd import LocalSgd, _proximal_, _slices, _Terms
 from .reg_params import RegParams
 
 __all__ = ["MasPenalty", "add_mas_penalty"]
@@ -40,7 +40,7 @@ class MasPenalty:
 
     def __init__(self, optimizer: torch.optim.Optimizer, reg_params: RegParams,
                  reg_lambda: float, *, model: Optional[nn.Module], proximal: bool,
-                 cache_penalty: bool) -> None:
+                 cache_penalty: bool, foreach: Optional[bool]) -> None:
         if isinstance(optimizer, LocalSgd):
             raise TypeError("LocalSgd already applies the MAS penalty: give it reg_params "
                             "instead of adding a second penalty")
@@ -54,6 +54,7 @@ class MasPenalty:
         self.model = model
         self.proximal = proximal
         self.cache_penalty = cache_penalty
+        self.foreach = foreach
         self.reg_lambda = as_reg_lambda(reg_lambda)
         self._by_id: Dict[int, str] = {}
         self._cache: Dict[Tensor, _Terms] = {}
@@ -130,13 +131,25 @@ class MasPenalty:
             sign = -1.0 if group.get("maximize", False) else 1.0
             grads = [local(p.grad) for p in params]
             ps = [local(p) for p in params]
-            if self.cache_penalty:  # g += 2λΩ·θ − 2λΩθ*
-                torch._foreach_addcmul_(grads, [t.slope for t in terms], ps, value=sign)
-                torch._foreach_add_(grads, [t.offset for t in terms], alpha=-sign)
-            else:  # g += 2λ·Ω(θ − θ*)
-                diff = torch._foreach_sub(ps, [local(t.init) for t in terms])
-                torch._foreach_mul_(diff, [local(t.omega) for t in terms])
-                torch._foreach_add_(grads, diff, alpha=sign * coef)
+            foreach = self.foreach
+            if foreach is None:
+                foreach = all(g.device.type == "cuda" for g in grads)
+            if foreach:  # one kernel launch per pass for the whole group
+                if self.cache_penalty:  # g += 2λΩ·θ − 2λΩθ*
+                    torch._foreach_addcmul_(grads, [t.slope for t in terms], ps, value=sign)
+                    torch._foreach_add_(grads, [t.offset for t in terms], alpha=-sign)
+                else:  # g += 2λ·Ω(θ − θ*)
+                    diff = torch._foreach_sub(ps, [local(t.init) for t in terms])
+                    torch._foreach_addcmul_(grads, [local(t.omega) for t in terms], diff,
+                                            value=sign * coef)
+                continue
+            for g, p, t in zip(grads, ps, terms):  # on the CPU: slices that stay in cache
+                if self.cache_penalty:
+                    for g_, p_, s_, o_ in _slices(g, p, t.slope, t.offset):
+                        g_.addcmul_(s_, p_, value=sign).sub_(o_, alpha=sign)
+                else:
+                    for g_, p_, o_, i_ in _slices(g, p, local(t.omega), local(t.init)):
+                        g_.addcmul_(o_, torch.sub(p_, i_), value=sign * coef)
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -170,6 +183,7 @@ def add_mas_penalty(
     model: Optional[nn.Module] = None,
     proximal: bool = False,
     cache_penalty: bool = False,
+    foreach: Optional[bool] = None,
 ) -> MasPenalty:
     r"""Attach the MAS penalty λ Σ Ω (θ − θ*)² (paper Eq. 3) to any torch optimizer.
 
@@ -195,9 +209,12 @@ def add_mas_penalty(
             per-coordinate step sizes make this map something else.
         cache_penalty: keep 2λΩ and 2λΩθ* per parameter (two tensors of its size) for one pass
             less per step; off by default, so the penalty costs no memory beyond reg_params.
+        foreach: add the penalty with torch's multi-tensor kernels (default: on CUDA, as torch's
+            optimizers choose); otherwise one parameter at a time, in cache-sized slices on
+            the CPU.
 
     Returns:
         a :class:`MasPenalty`; ``.remove()`` detaches it, ``.penalty()`` gives its value.
     """
     return MasPenalty(optimizer, reg_params, reg_lambda, model=model, proximal=proximal,
-                      cache_penalty=cache_penalty)
+                      cache_penalty=cache_penalty, foreach=foreach)

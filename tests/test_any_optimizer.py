@@ -53,16 +53,18 @@ OPTIMIZERS = [
 ]
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
 @pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cached"])
 @pytest.mark.parametrize("cls, hp", OPTIMIZERS,
                          ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(OPTIMIZERS)])
-def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, cache):
+def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, cache, foreach):
     lam = 0.7
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref, skip=("2.bias",))
     opt_ref = cls(ref.parameters(), **hp)
     opt = cls(ours.named_parameters(), **hp)
-    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, cache_penalty=cache)
+    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, cache_penalty=cache,
+                    foreach=foreach)
     for x, y in batches(6):
         step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
         step(ours, opt, x, y)
@@ -83,13 +85,14 @@ def test_penalty_changes_the_trajectory():
                for a, b in zip(plain.parameters(), ours.parameters())) > 1e-3
 
 
-def test_maximize_still_descends_the_penalty():
+@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cached"])
+def test_maximize_still_descends_the_penalty(cache):
     lam, hp = 0.5, dict(lr=0.01, maximize=True)
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref)
     opt_ref = torch.optim.Adam(ref.parameters(), **hp)
     opt = torch.optim.Adam(ours.named_parameters(), **hp)
-    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam)
+    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, cache_penalty=cache)
     for x, y in batches(4):  # ascending task − penalty
         step(ref, opt_ref, x, y, lambda: -autograd_penalty(ref, reg, lam))
         step(ours, opt, x, y)
