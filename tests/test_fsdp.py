@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 ROOT = WORKER.parent.parent
 WORLD = 2
-TIMEOUT_S = 240  # both ranks together take ~20 s on 2 busy cores; a hang is killed at this
+TIMEOUT_S = 240  # the ranks take about 30 s on 2 busy cores; a hang is killed after this
 
 
 def free_port() -> int:
@@ -61,9 +61,11 @@ def ranks(tmp_path_factory):
     port = str(free_port())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
+    # Output to files, not pipes: a full pipe nobody reads would block a rank.
+    logs = [open(out / f"log_{r}.txt", "w") for r in range(WORLD)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+             for r, log in enumerate(logs)]
     deadline = time.monotonic() + TIMEOUT_S
     try:
         # A rank that fails exits at once; then the other one is stopped instead of waited for.
@@ -75,11 +77,13 @@ def ranks(tmp_path_factory):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        logs = [p.communicate()[0] for p in procs]
+            p.wait()
+        for log in logs:
+            log.close()
     if any(p.returncode != 0 for p in procs):
         pytest.fail("FSDP ranks failed or timed out:\n" + "\n".join(
-            f"--- rank {r} (exit {p.returncode}):\n{log[-3000:]}"
-            for r, (p, log) in enumerate(zip(procs, logs))))
+            f"--- rank {r} (exit {p.returncode}):\n{(out / f'log_{r}.txt').read_text()[-3000:]}"
+            for r, p in enumerate(procs)))
     reports = [json.loads((out / f"report_{r}.json").read_text()) for r in range(WORLD)]
     return out, reports
 
