@@ -201,18 +201,20 @@ class LocalSgd(torch.optim.SGD):
                 if name is not None:
                     yield name, p
 
-    def _terms(self, name: Optional[str], p: Tensor, coef: float) -> Optional["_Terms"]:
+    def _terms(self, name: Optional[str], p: Tensor, coef: float,
+               cache: bool) -> Optional["_Terms"]:
         """The penalty terms of ``p`` (None: no entry), checked whenever the entry or the
-        parameter changed: a replaced tensor, an in-place change, a new λ."""
+        parameter changed: a replaced tensor, an in-place change, a new λ. ``cache``: keep
+        2λΩ and 2λΩθ* (only the unfused gradient step reads them)."""
         entry = self._reg_params.get(name) if name is not None else None
         if entry is None:
             return None
         omega, init = entry["omega"], entry["init_val"]
         terms = self._penalty_cache.get(p)
-        key = (coef, omega._version, init._version, tuple(p.shape))
+        key = (coef, cache, omega._version, init._version, tuple(p.shape))
         if terms is None or terms.key != key or terms.omega is not omega or terms.init is not init:
             check_entry(name, entry, p)
-            terms = _Terms(key, omega, init, coef, self.cache_penalty)
+            terms = _Terms(key, omega, init, coef, cache)
             self._penalty_cache[p] = terms
         return terms
 
@@ -250,12 +252,13 @@ class LocalSgd(torch.optim.SGD):
         momentum, proximal, track = group["momentum"], group["proximal"], self.track_path_integral
         plain_p, plain_g, plain_buf = [], [], []
         reg_p, reg_terms = [], []
+        cache = self.cache_penalty and coef != 0 and not proximal and not group["fused"]
         for name, p in zip(group_names(group, index), group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("LocalSgd does not support sparse gradients")
-            terms = self._terms(name, p, coef)
+            terms = self._terms(name, p, coef, cache)
             if track:
                 _before_path_step(self.state[p], p)
             if coef == 0:
