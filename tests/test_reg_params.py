@@ -230,3 +230,16 @@ def test_corrupted_real_files_never_escape_as_other_errors(tmp_path, cut, flip):
         mas_optim.load_reg_params(path)  # a flip inside float data can still be a valid file
     except RegParamsError:
         pass
+
+
+@pytest.mark.parametrize("value, want", [("sum", "sum"), ("0.5", 0.5), (" 1 ", 1.0), (0.25, 0.25),
+                                         (0, 0.0), (1, 1.0)])
+def test_parse_accumulate_takes_sum_or_a_number_in_0_1(value, want):
+    assert mas_optim.reg_params.parse_accumulate(value) == want
+
+
+@pytest.mark.parametrize("value", ["mean", "1.5", "-0.1", "nan", 1.5, float("nan"), True, None])
+def test_parse_accumulate_refuses_anything_else_in_one_line(value):
+    with pytest.raises(ValueError, match=r"^accumulate must be 'sum' or a number in \[0, 1\], "
+                                         r"got .*$"):
+        mas_optim.reg_params.parse_accumulate(value)
