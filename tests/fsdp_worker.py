@@ -75,11 +75,16 @@ def start_reg_params(model: nn.Module) -> dict:
     return reg
 
 
-def shard(model: nn.Module, world: int) -> nn.Module:
+def shard(model: nn.Module, world: int, hybrid: bool = False) -> nn.Module:
+    """fully_shard over all ranks; hybrid: HSDP, replicated over the ranks (a 2-D mesh (world,
+    1): placements (Replicate(), Shard(0)))."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    if hybrid:
+        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
     for i in (0, 4, 5, 7):
         fully_shard(model[i], mesh=mesh)
     fully_shard(model, mesh=mesh)   # the root holds BatchNorm's parameters
@@ -154,6 +159,14 @@ def run(rank: int, world: int, out: str) -> None:
         full = {n: o.full_tensor() for n, o in omega.items()}
         if rank == 0:
             torch.save(full, os.path.join(out, f"omega_{label}.pt"))
+
+    # HSDP: Ω is all-reduced over the replicas.
+    hybrid = shard(make_model(), world, hybrid=True)
+    omega = mas_optim.compute_omega(hybrid, omega_batches(rank, world))
+    report["omega_hybrid_placed"] = placed_like({n: {"omega": o} for n, o in omega.items()}, hybrid)
+    full = {n: o.full_tensor() for n, o in omega.items()}
+    if rank == 0:
+        torch.save(full, os.path.join(out, "omega_hybrid.pt"))
 
     # A rank without data still takes part; the other rank's samples alone make Ω.
     omega = mas_optim.compute_omega(model, omega_batches(0, 1) if rank == 0 else [])

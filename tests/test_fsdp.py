@@ -122,6 +122,16 @@ def test_omega_over_two_sharded_ranks_equals_one_process(ranks, label):
         assert placed and all(placed.values()), placed
 
 
+def test_omega_under_hsdp_equals_one_process(ranks):
+    out, reports = ranks
+    want = mas_optim.compute_omega(make_model(), omega_batches(0, 1))
+    got = torch.load(out / "omega_hybrid.pt")
+    for n in want:
+        assert rel_err(got[n], want[n]) <= 1e-5, (n, rel_err(got[n], want[n]))
+    for report in reports:
+        assert report["omega_hybrid_placed"] and all(report["omega_hybrid_placed"].values())
+
+
 def test_omega_with_a_rank_without_data_equals_one_process(ranks):
     out, _ = ranks
     want = mas_optim.compute_omega(make_model(), omega_batches(0, 1))
