@@ -1,15 +1,23 @@
-"""Speed of the importance pass, as ratios against baselines measured in the same run.
+"""Speed (and memory) of the importance pass, as ratios against baselines measured in the same run.
 
-Exact per-sample compute_omega against the batch formula (per_sample=False) and against the
-batch-size-1 loops that Eq. 2 otherwise needs: the cheapest one (autograd.grad per sample) and
-the original code's (backward + OmegaSgd.step).
+Exact per-sample compute_omega against the batch formula (per_sample=False), against
+``torch.func`` (vmap of grad over the whole model, in chunks of CHUNK samples) and, on the MLP
+and small CNN, against the batch-size-1 loops Eq. 2 otherwise needs (autograd.grad per sample,
+and the original code's backward + OmegaSgd.step).
 
-CPU, one thread, medians of paired repeats. Run:  python benchmarks/bench_importance.py
+Peak memory: each pass runs in a fresh subprocess and reports the growth of its peak resident set
+(``resource.getrusage(...).ru_maxrss`` after the pass minus before it; no psutil needed).
+
+CPU, one thread, medians of paired repeats. Run:  python benchmarks/bench_importance.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
-from typing import Dict
+import json
+import resource
+import subprocess
+import sys
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -20,6 +28,9 @@ try:
     from benchmarks._timing import paired
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     from _timing import paired
+
+CHUNK = 8          # samples per torch.func.vmap call in the baseline
+SAMPLES, BATCH = 64, 32
 
 
 def mlp(hidden: int) -> nn.Module:
@@ -34,46 +45,167 @@ def small_cnn() -> nn.Module:
         nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def bench_importance(model: nn.Module, xs: torch.Tensor, batch: int, repeats: int,
-                     with_loop: bool = True) -> Dict[str, float]:
-    loader = [(xs[i:i + batch],) for i in range(0, len(xs), batch)]
-    params = [p for p in model.parameters() if p.requires_grad]
+class Transformer(nn.Module):
+    """Embedding + 2-layer TransformerEncoder (d 128, batch_first) + LayerNorm, mean-pooled."""
 
-    def batch_size_one_loop():  # Eq. 2 with batch size 1, at its cheapest: autograd.grad
-        model.eval()
-        acc = [torch.zeros_like(p) for p in params]
-        for i in range(len(xs)):
-            grads = torch.autograd.grad(model(xs[i:i + 1]).pow(2).sum(), params)
-            for a, g in zip(acc, grads):
-                a.add_(g.abs())
+    def __init__(self, vocab: int = 1000, d: int = 128) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, 10)
 
-    def omega_sgd_loop():  # Eq. 2 as the original code gets it: backward + optimizer step
-        model.eval()
-        opt = mas_optim.OmegaSgd(model.named_parameters())
-        for i in range(len(xs)):
-            opt.zero_grad()
-            model(xs[i:i + 1]).pow(2).sum().backward()
-            opt.step()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.encoder(self.emb(tokens))).mean(1))
 
+
+class TextConv(nn.Module):
+    """Embedding + Conv1d + GroupNorm text classifier."""
+
+    def __init__(self, vocab: int = 1000, d: int = 64) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.conv = nn.Conv1d(d, 128, 5, padding=2)
+        self.norm = nn.GroupNorm(8, 128)
+        self.out = nn.Linear(128, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.conv(self.emb(tokens).transpose(1, 2))).relu()
+        return self.out(h.mean(2))
+
+
+class Recurrent(nn.Module):
+    """Embedding + LSTM (1 layer) or GRU (2 layers), hidden 128, classifier on the mean."""
+
+    def __init__(self, kind: str, vocab: int = 1000, d: int = 64) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.rnn = (nn.LSTM(d, 128, batch_first=True) if kind == "lstm"
+                    else nn.GRU(d, 128, num_layers=2, batch_first=True))
+        self.out = nn.Linear(128, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(self.emb(tokens))[0].mean(1))
+
+
+def resnet18() -> nn.Module:
+    import torchvision
+    return torchvision.models.resnet18(num_classes=10)
+
+
+MODELS: Dict[str, Callable[[], tuple]] = {
+    "resnet18 32x32": lambda: (resnet18(), torch.randn(SAMPLES, 3, 32, 32)),
+    "transformer d128 T32": lambda: (Transformer(), torch.randint(0, 1000, (SAMPLES, 32))),
+    "Conv1d+GroupNorm T64": lambda: (TextConv(), torch.randint(0, 1000, (SAMPLES, 64))),
+    "LSTM h128 T32": lambda: (Recurrent("lstm"), torch.randint(0, 1000, (SAMPLES, 32))),
+    "GRU 2x h128 T32": lambda: (Recurrent("gru"), torch.randint(0, 1000, (SAMPLES, 32))),
+}
+
+
+def vmap_omega(model: nn.Module, loader, chunk: int = CHUNK) -> Dict[str, torch.Tensor]:
+    """Eq. 2 by torch.func: vmap(grad) of ‖F(x_k)‖² over chunks of samples."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def loss(p, x):
+        return torch.func.functional_call(model, p, (x.unsqueeze(0),)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+    model.eval()
+    for (x,) in loader:
+        for s in range(0, len(x), chunk):
+            for n, g in per_sample(params, x[s:s + chunk]).items():
+                acc[n].add_(g.abs().sum(0))
+    return acc
+
+
+def _loader(xs: torch.Tensor, batch: int):
+    return [(xs[i:i + batch],) for i in range(0, len(xs), batch)]
+
+
+def vmap_runs(model: nn.Module, loader) -> Optional[str]:
+    """None if the vmap baseline runs on this model, else the first line of why not."""
+    try:
+        vmap_omega(model, loader[:1])
+        return None
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return str(e).strip().splitlines()[0][:60]
+
+
+def bench_model(label: str, repeats: int) -> str:
+    torch.manual_seed(0)
+    model, xs = MODELS[label]()
+    loader = _loader(xs, BATCH)
     fns = {
         "batch formula": lambda: mas_optim.compute_omega(model, loader, per_sample=False),
-        "per-sample": lambda: mas_optim.compute_omega(model, loader),
+        "ours": lambda: mas_optim.compute_omega(model, loader),
     }
-    if with_loop:
-        fns["batch-size-1 loop"] = batch_size_one_loop
-        fns["OmegaSgd loop"] = omega_sgd_loop
+    why = vmap_runs(model, loader)
+    if why is None:
+        fns["vmap"] = lambda: vmap_omega(model, loader)
     for f in fns.values():
         f()
-    return paired(fns, repeats, 1)
+    r = paired(fns, repeats, 1)
+    vs = (f"vmap {r['vmap']:.2f}x   ours/vmap {r['ours'] / r['vmap']:.2f}" if why is None
+          else f"vmap fails ({why})")
+    return (f"  {label:22s} batch formula {r['baseline_ms']:7.1f} ms   exact (ours) "
+            f"{r['ours']:.2f}x   {vs}")
 
 
-def main(repeats: int) -> None:
-    print("Importance pass (compute_omega), 512 samples, batch 128: time / time(batch formula)")
+def _peak_child(label: str, which: str) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, xs = MODELS[label]()
+    loader = _loader(xs, 64)
+    run = {"ours": lambda: mas_optim.compute_omega(model, loader),
+           "vmap": lambda: vmap_omega(model, loader)}[which]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"kib": after - before}))
+
+
+def peak_memory(label: str) -> Dict[str, float]:
+    out = {}
+    for which in ("ours", "vmap"):
+        res = subprocess.run([sys.executable, __file__, "--peak", label, which],
+                             capture_output=True, text=True, check=True)
+        out[which] = json.loads(res.stdout.strip().splitlines()[-1])["kib"] / 1024
+    return out
+
+
+def bench_small(repeats: int) -> None:
+    print(f"Importance pass, 512 samples, batch 128: time / time(batch formula)")
     torch.manual_seed(0)
     cases = (("MLP 784-400-400-10", mlp(400), torch.randn(512, 784)),
              ("small CNN (2 conv + 2 fc, 28x28)", small_cnn(), torch.randn(512, 1, 28, 28)))
     for label, model, xs in cases:
-        r = bench_importance(model, xs, 128, max(3, repeats // 3))
+        loader = _loader(xs, 128)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def batch_size_one_loop():  # Eq. 2 with batch size 1, at its cheapest: autograd.grad
+            model.eval()
+            acc = [torch.zeros_like(p) for p in params]
+            for i in range(len(xs)):
+                grads = torch.autograd.grad(model(xs[i:i + 1]).pow(2).sum(), params)
+                for a, g in zip(acc, grads):
+                    a.add_(g.abs())
+
+        def omega_sgd_loop():  # Eq. 2 as the original code gets it: backward + optimizer step
+            model.eval()
+            opt = mas_optim.OmegaSgd(model.named_parameters())
+            for i in range(len(xs)):
+                opt.zero_grad()
+                model(xs[i:i + 1]).pow(2).sum().backward()
+                opt.step()
+
+        fns = {"batch formula": lambda: mas_optim.compute_omega(model, loader, per_sample=False),
+               "per-sample": lambda: mas_optim.compute_omega(model, loader),
+               "batch-size-1 loop": batch_size_one_loop, "OmegaSgd loop": omega_sgd_loop}
+        for f in fns.values():
+            f()
+        r = paired(fns, max(3, repeats // 3), 1)
         loop, original = r["batch-size-1 loop"], r["OmegaSgd loop"]
         print(f"  {label}: batch formula {r['baseline_ms']:.1f} ms; per-sample "
               f"{r['per-sample']:.2f}x; batch-size-1 loops: autograd.grad {loop:.2f}x, "
@@ -81,10 +213,26 @@ def main(repeats: int) -> None:
               f"{original / r['per-sample']:.1f}x faster)")
 
 
+def main(repeats: int, quick: bool = False) -> None:
+    bench_small(repeats)
+    print(f"\nImportance pass, {SAMPLES} samples, batch {BATCH}: time / time(batch formula); "
+          f"vmap = torch.func vmap(grad) in chunks of {CHUNK}")
+    for label in MODELS:
+        print(bench_model(label, max(1, repeats // 5) if quick else max(3, repeats // 3)),
+              flush=True)
+    mem = peak_memory("resnet18 32x32")
+    print(f"\nPeak memory growth, resnet18 32x32, one batch of 64: exact (ours) "
+          f"{mem['ours']:.0f} MiB, vmap in chunks of {CHUNK} {mem['vmap']:.0f} MiB")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="paired repeats (default 15)")
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
+    parser.add_argument("--peak", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    main(3 if args.quick else args.repeats)
+    if args.peak:
+        _peak_child(*args.peak)
+    else:
+        main(3 if args.quick else args.repeats, args.quick)

@@ -4,36 +4,19 @@ import pytest
 import torch
 from torch import nn
 
-import mas_optim
+from importance_reference import assert_close
+from importance_reference import reference_omega as float64_reference
 from mas_optim import OmegaSgd, compute_omega
-from mas_optim import importance as importance_module
+from mas_optim.importance import omega_sums
+from mas_optim.importance import base
 
 
 def reference_omega(model, xs, per_sample=True, batch_size=None):
-    """Eq. 2 literally: mean over samples of |d ||F(x_k)||^2 / d theta|, batch size 1.
-    With per_sample=False: the batch formula, (1/N) sum_b |d sum_{k in b} ||F(x_k)||^2 / d theta|."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    was_training = model.training
-    model.eval()
+    """Eq. 2 by a float64 batch-size-1 loop (per_sample=False: the batch formula over batches
+    of batch_size), on the samples xs."""
     step = 1 if per_sample else batch_size
-    for i in range(0, len(xs), step):
-        out = model(xs[i:i + step])
-        grads = torch.autograd.grad(out.pow(2).sum(), list(params.values()), allow_unused=True)
-        for n, g in zip(params, grads):
-            if g is not None:
-                acc[n] += g.abs().double()
-    model.train(was_training)
-    return {n: (a / len(xs)).float() for n, a in acc.items()}
-
-
-def assert_close(got, want, rel=1e-4):
-    assert set(got) == set(want)
-    for n in want:
-        scale = want[n].abs().max().item()
-        assert scale > 0, f"{n}: reference is all zero, the test would prove nothing"
-        err = (got[n] - want[n]).abs().max().item() / scale
-        assert err <= rel, f"{n}: relative error {err:.2e}"
+    return float64_reference(model, [xs[i:i + step] for i in range(0, len(xs), step)],
+                             per_sample=per_sample)
 
 
 def loader(xs, batch_size, with_labels=True):
@@ -131,21 +114,27 @@ def test_batch_formula_matches_the_original_formula(case):
 
 
 def test_per_sample_conv_in_small_chunks(monkeypatch):
-    monkeypatch.setattr(importance_module, "_PER_SAMPLE_BUDGET", 1)  # one sample at a time
+    monkeypatch.setattr(base, "BUDGET", 1)  # one sample at a time
+    monkeypatch.setattr(base, "CPU_TILE", 1)
     torch.manual_seed(2)
     model, xs = cnn(), torch.randn(9, 3, 6, 6)
     assert_close(compute_omega(model, loader(xs, 4)), reference_omega(model, xs))
 
 
-def test_loader_of_bare_tensors_and_frozen_layers():
+def test_loader_of_bare_tensors():
+    torch.manual_seed(3)
+    model = mlp()
+    xs = torch.randn(11, 10)
+    assert_close(compute_omega(model, loader(xs, 4, with_labels=False)), reference_omega(model, xs))
+
+
+def test_frozen_parameters_get_no_omega():
     torch.manual_seed(3)
     model = mlp()
     for p in model[0].parameters():
         p.requires_grad_(False)
-    xs = torch.randn(11, 10)
-    got = compute_omega(model, loader(xs, 4, with_labels=False))
+    got = compute_omega(model, loader(torch.randn(11, 10), 4))
     assert set(got) == {"2.weight", "2.bias", "4.weight", "4.bias"}
-    assert_close(got, reference_omega(model, xs))
 
 
 def test_model_state_is_left_as_it_was():
@@ -168,14 +157,19 @@ def test_model_state_is_left_as_it_was():
         assert torch.equal(p.grad, grads[n]), n
 
 
-def test_empty_loader_and_bad_inputs_are_clear_errors():
-    model = mlp()
+def test_empty_loader_is_a_clear_error():
     with pytest.raises(ValueError, match="no samples"):
-        compute_omega(model, [])
+        compute_omega(mlp(), [])
+
+
+def test_batch_without_a_tensor_is_a_clear_error():
     with pytest.raises(TypeError, match="loader must yield"):
-        compute_omega(model, [("not a tensor", 1)])
+        compute_omega(mlp(), [("not a tensor", 1)])
+
+
+def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="Invalid method"):
-        compute_omega(model, [], method="nope")
+        compute_omega(mlp(), [], method="nope")
 
 
 def test_omega_sgd_with_single_samples_is_eq_2():
@@ -205,20 +199,17 @@ def test_omega_sgd_with_batches_is_the_batch_formula():
         model(x).pow(2).sum().backward()
         opt.step(num_samples=len(x))
     assert_close(opt.omega(), reference_omega(model, xs, per_sample=False, batch_size=8))
+
+
+def test_omega_sgd_refuses_a_non_positive_sample_count():
+    opt = OmegaSgd(mlp().named_parameters())
     with pytest.raises(ValueError, match="Invalid num_samples value: 0"):
         opt.step(num_samples=0)
+
+
+def test_omega_sgd_needs_parameter_names():
     with pytest.raises(ValueError, match="named_parameters"):
-        OmegaSgd(model.parameters())
-
-
-def test_omega_feeds_consolidation_and_penalty():
-    torch.manual_seed(7)
-    model = mlp()
-    reg = mas_optim.init_reg_params(model)
-    omega = compute_omega(model, loader(torch.randn(8, 10), 4))
-    mas_optim.consolidate_reg_params(reg, model, omega)
-    for n in reg:
-        assert torch.equal(reg[n]["omega"], omega[n])
+        OmegaSgd(mlp().parameters())
 
 
 # ---------------------------------------------------------------- local (Hebbian) MAS
@@ -293,3 +284,182 @@ def test_local_mas_gives_other_parameters_their_global_omega():
     bn = {n: got[n] for n in ("1.weight", "1.bias", "7.weight", "7.bias", "4.weight", "4.bias")}
     assert_close(bn, {n: want[n] for n in bn})  # BatchNorm, and the padding="same" conv
     assert_close({"0.weight": got["0.weight"]}, {"0.weight": hebbian_reference(model, xs)["0.weight"]})
+
+
+# ---------------------------------------------------------------- inputs, outputs, dtypes
+
+class DictModel(nn.Module):
+    """Hugging Face style: called with the batch as keyword arguments, returns a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+        return {"logits": self.out(h.sum(1)), "hidden": h}
+
+
+def dict_batches():
+    g = torch.Generator().manual_seed(0)
+    for n in (4, 3):
+        ids = torch.randint(0, 12, (n, 6), generator=g)
+        mask = (torch.rand(n, 6, generator=g) > 0.3).float()
+        yield {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(n, dtype=torch.long)}
+
+
+def test_dict_batches_are_keyword_arguments_and_logits_are_the_output():
+    torch.manual_seed(0)
+    model = DictModel()
+    assert_close(compute_omega(model, dict_batches()), float64_reference(model, dict_batches()))
+
+
+def test_output_fn_picks_the_output_to_regularise():
+    torch.manual_seed(0)
+    model = DictModel()
+    pick = lambda out: out["hidden"]  # noqa: E731
+    got = compute_omega(model, dict_batches(), output_fn=pick)
+    want = float64_reference(model, dict_batches(), output_fn=pick)
+    assert_close({"emb.weight": got["emb.weight"]}, {"emb.weight": want["emb.weight"]})
+    assert not got["out.weight"].any()  # the head does not reach "hidden"
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y.tanh()
+
+
+def test_a_tuple_output_needs_output_fn():
+    with pytest.raises(TypeError, match="output_fn="):
+        compute_omega(TwoOutputs(), [torch.randn(3, 4)])
+
+
+def test_output_fn_may_return_several_tensors_whose_squared_norms_add():
+    torch.manual_seed(0)
+    model, xs = TwoOutputs(), torch.randn(5, 4)
+    both = lambda out: out  # noqa: E731
+    assert_close(compute_omega(model, [xs[:3], xs[3:]], output_fn=both),
+                 float64_reference(model, [xs[:3], xs[3:]], output_fn=both))
+
+
+class TaskConditioned(nn.Module):
+    """forward(x, task_labels), as Avalanche's MultiTaskModule: a head per task."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.heads = nn.ModuleList([nn.Linear(6, 2), nn.Linear(6, 2)])
+
+    def forward(self, x, task_labels):
+        h = self.body(x).relu()
+        return torch.stack([self.heads[int(t)](h[i]) for i, t in enumerate(task_labels)])
+
+
+def test_forward_fn_passes_task_labels():
+    torch.manual_seed(0)
+    model = TaskConditioned()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 4, generator=g), torch.zeros(5), torch.tensor([0, 1, 1, 0, 1]))]
+    with_task = lambda m, b: m(b[0], b[2])  # noqa: E731
+    assert_close(compute_omega(model, batches, forward_fn=with_task),
+                 float64_reference(model, batches, forward_fn=with_task))
+
+
+def test_avalanche_multitask_module_with_forward_fn():
+    models = pytest.importorskip("avalanche.models")
+    torch.manual_seed(0)
+    model = models.MTSimpleMLP(input_size=6, hidden_size=8)
+    for t in (0, 1):
+        model.classifier.adaptation(type("Exp", (), {"classes_in_this_experience": [0, 1, 2],
+                                          "task_labels": [t]})())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 6, generator=g), torch.zeros(4), torch.tensor([0, 0, 1, 1]))]
+    with_task = lambda m, b: m(b[0], b[2])  # noqa: E731
+    # MultiTaskModule builds its output in the default dtype: a float32 reference loop
+    assert_close(compute_omega(model, batches, forward_fn=with_task),
+                 float64_reference(model, batches, forward_fn=with_task, dtype=torch.float32))
+
+
+def test_float64_model_is_computed_in_float64():
+    torch.manual_seed(0)
+    model = cnn_bn().double()
+    xs = torch.randn(7, 3, 6, 6, dtype=torch.float64)
+    warm_up_batchnorm(model, xs)
+    got = compute_omega(model, loader(xs, 4))
+    assert all(v.dtype == torch.float64 for v in got.values())
+    assert_close(got, reference_omega(model, xs), rel=1e-10)
+
+
+@pytest.mark.parametrize("per_sample,method", [(False, "global"), (True, "local")])
+def test_dict_batches_work_for_the_batch_formula_and_local_mas(per_sample, method):
+    torch.manual_seed(0)
+    model = DictModel()
+    got = compute_omega(model, dict_batches(), per_sample=per_sample, method=method)
+    if method == "global":
+        want = float64_reference(model, dict_batches(), per_sample=False)
+        assert_close(got, want)
+    else:  # the embedding has no Hebbian rule: its global Ω
+        want = float64_reference(model, dict_batches())
+        assert_close({"emb.weight": got["emb.weight"]}, {"emb.weight": want["emb.weight"]})
+
+
+def test_omega_sums_are_compute_omega_times_the_sample_count():
+    torch.manual_seed(0)
+    model = mlp()
+    xs = torch.randn(9, 10)
+    sums, count = omega_sums(model, loader(xs, 4))
+    omega = compute_omega(model, loader(xs, 4))
+    assert count == 9
+    for n in omega:
+        assert torch.allclose(sums[n] / count, omega[n], rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------- never silently wrong
+
+class BatchStatistics(nn.Module):
+    """BatchNorm without running statistics normalises by the batch even in eval mode: the
+    samples of a batch interact, so no batched shortcut is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, bias=False)  # a bias before BatchNorm has no gradient
+        self.bn = nn.BatchNorm2d(3, track_running_stats=False)
+        self.out = nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x):
+        return self.out(self.bn(self.conv(x)).flatten(1))
+
+
+def test_samples_that_interact_get_each_sample_alone():
+    torch.manual_seed(0)
+    model = BatchStatistics()
+    xs = torch.randn(6, 2, 4, 4)
+    assert_close(compute_omega(model, loader(xs, 3)), reference_omega(model, xs))
+
+
+class DataDependent(nn.Module):
+    """A layer whose forward reads a value out of its input (.item()): vmap cannot batch it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.scale * (2.0 if x.sum().item() > 0 else 1.0)
+
+
+def test_a_module_vmap_cannot_run_is_looped_over_with_one_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), DataDependent(), nn.Linear(4, 2))
+    xs = torch.randn(6, 4)
+    with pytest.warns(RuntimeWarning, match="cannot run DataDependent") as record:
+        got = compute_omega(model, loader(xs, 3))
+    assert len([w for w in record if "compute_omega" in str(w.message)]) == 1
+    assert "\n" not in str(record[0].message)
+    assert_close(got, reference_omega(model, xs))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Rule, chunk_size, same_dim_in_and_out
+from .base import Call, Rule, add_abs_matmul_sums, same_dim_in_and_out
 
 
 def _check(m: nn.Module, call: Call) -> bool:
@@ -71,10 +71,7 @@ def _apply(m: nn.Module, call: Call, acc: Dict[str, Tensor]) -> None:
         if u.shape[-1] == 1:                                     # one position: |G|ᵀ|U|
             w.add_(torch.einsum("bgo,bgi->goi", g[..., 0].abs(), u[..., 0].abs()).to(w.dtype))
         else:
-            step = chunk_size(w.numel())
-            for s in range(0, B, step):
-                per_sample = g[s:s + step].matmul(u[s:s + step].transpose(2, 3))
-                w.add_(per_sample.abs_().sum(0).to(w.dtype))
+            add_abs_matmul_sums(w, g, u.transpose(2, 3))
     if "bias" in acc:
         acc["bias"].add_(g.sum(3).abs().sum(0).reshape(-1).to(acc["bias"].dtype))
 

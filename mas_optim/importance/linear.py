@@ -5,7 +5,8 @@ t it uses the layer at (one position for (B, in) inputs), and :math:`\partial b 
 
 * one position: :math:`\sum_k |g_k a_k^\top| = |G|^\top |A|`, a single matmul;
 * several: :math:`\sum_t g_{kt} a_{kt}^\top` is formed per sample (a batched matmul over a
-  few samples at a time, see :func:`~mas_optim.importance.base.chunk_size`), then |·| and summed.
+  few samples at a time, :func:`~mas_optim.importance.base.add_abs_matmul_sums`), then |·| and
+  summed.
 
 The samples may sit on any dimension but the last (e.g. (T, B, in) in a sequence-first model).
 """
@@ -16,7 +17,7 @@ from typing import Dict
 
 from torch import Tensor, nn
 
-from .base import Call, Rule, chunk_size, same_dim_in_and_out
+from .base import Call, Rule, add_abs_matmul_sums, same_dim_in_and_out
 
 
 def _check(m: nn.Linear, call: Call) -> bool:
@@ -32,16 +33,12 @@ def rows(t: Tensor, d: int) -> Tensor:
 
 def add_outer_sums(a: Tensor, g: Tensor, acc_w: Tensor = None, acc_b: Tensor = None) -> None:
     """acc_w += Σ_k |Σ_t g_kt a_ktᵀ|, acc_b += Σ_k |Σ_t g_kt| for a, g of shape (B, T, ·)."""
-    B, T = a.shape[0], a.shape[1]
+    T = a.shape[1]
     if acc_w is not None:
         if T == 1:
             acc_w.addmm_(g[:, 0].abs().t().to(acc_w.dtype), a[:, 0].abs().to(acc_w.dtype))
         else:
-            acc = acc_w.view(-1, acc_w.shape[-1])
-            step = chunk_size(acc.numel())
-            for s in range(0, B, step):
-                per_sample = g[s:s + step].transpose(1, 2).bmm(a[s:s + step])
-                acc.add_(per_sample.abs_().sum(0).to(acc.dtype))
+            add_abs_matmul_sums(acc_w, g.transpose(1, 2), a)
     if acc_b is not None:
         acc_b.add_(g.sum(1).abs().sum(0).to(acc_b.dtype))
 

@@ -190,6 +190,8 @@ class PerSampleEngine:
         finally:
             rec.remove()
         for m, (call, fast, local) in plan.items():
+            if all(g is None for g in call.grads):
+                continue  # its output does not reach F: every per-sample gradient is zero
             if fast:
                 rule_for(m).apply(m, call, {attr: sums[name] for attr, name in fast.items()})
             if local:
@@ -251,13 +253,13 @@ class PerSampleEngine:
                 continue
             call = proven[owner]
             entry = plan.setdefault(owner, (call, {}, {}))
-            attr = next((a for a, q in owner._parameters.items() if q is p), None)
+            rel = next(r for r, q in owner.named_parameters(remove_duplicate=False) if q is p)
             rule = rule_for(owner)
-            if (attr is not None and rule is not None and all(s[-1] is owner for s in stacks)
+            # a rule knows how the module uses its parameters in its own forward, nowhere else
+            if (rule is not None and rule.covers(rel) and all(s[-1] is owner for s in stacks)
                     and rule.check(owner, call)):
-                entry[1][attr] = name
+                entry[1][rel] = name
             else:
-                rel = next(r for r, q in owner.named_parameters(remove_duplicate=False) if q is p)
                 entry[2][rel] = name
         for _, (call, _, _) in plan.items():
             rec.wanted.add(id(call))

@@ -6,10 +6,11 @@ from typing import Dict, Optional
 
 from torch import nn
 
-from . import conv, embedding, linear, norm, rnn
+from . import attention, conv, embedding, linear, norm, rnn
 from .base import Rule
 
 RULES: Dict[type, Rule] = {nn.Linear: linear.RULE, nn.Embedding: embedding.RULE,
+                           nn.MultiheadAttention: attention.RULE,
                            **conv.RULES, **norm.RULES, **rnn.RULES}
 
 
