@@ -151,28 +151,21 @@ def run(rank: int, world: int, out: str) -> None:
     model = shard(make_model(), world)
     model.eval()  # BatchNorm uses its running statistics: the step matches one process exactly
 
-    # Importance of the untrained model, data split unevenly over the ranks.
-    for label, kwargs in OMEGA_KWARGS.items():
-        omega = mas_optim.compute_omega(model, omega_batches(rank, world), **kwargs)
+    def omega_of(label: str, model: nn.Module, batches: list, **kwargs) -> None:
+        omega = mas_optim.compute_omega(model, batches, **kwargs)
         report[f"omega_{label}_placed"] = placed_like(
             {n: {"omega": o} for n, o in omega.items()}, model)
         full = {n: o.full_tensor() for n, o in omega.items()}
         if rank == 0:
             torch.save(full, os.path.join(out, f"omega_{label}.pt"))
 
+    # Importance of the untrained model, data split unevenly over the ranks.
+    for label, kwargs in OMEGA_KWARGS.items():
+        omega_of(label, model, omega_batches(rank, world), **kwargs)
     # HSDP: Ω is all-reduced over the replicas.
-    hybrid = shard(make_model(), world, hybrid=True)
-    omega = mas_optim.compute_omega(hybrid, omega_batches(rank, world))
-    report["omega_hybrid_placed"] = placed_like({n: {"omega": o} for n, o in omega.items()}, hybrid)
-    full = {n: o.full_tensor() for n, o in omega.items()}
-    if rank == 0:
-        torch.save(full, os.path.join(out, "omega_hybrid.pt"))
-
+    omega_of("hybrid", shard(make_model(), world, hybrid=True), omega_batches(rank, world))
     # A rank without data still takes part; the other rank's samples alone make Ω.
-    omega = mas_optim.compute_omega(model, omega_batches(0, 1) if rank == 0 else [])
-    full = {n: o.full_tensor() for n, o in omega.items()}
-    if rank == 0:
-        torch.save(full, os.path.join(out, "omega_one_rank_empty.pt"))
+    omega_of("one_rank_empty", model, omega_batches(0, 1) if rank == 0 else [])
 
     fresh = mas_optim.init_reg_params(model)
     report["init_placed"] = placed_like(fresh, model)
