@@ -24,5 +24,8 @@ setup(
         "train": ["torchvision>=0.21", "scikit-learn", "matplotlib", "tqdm"],
         "test": ["pytest", "hypothesis", "torchvision>=0.21", "scikit-learn",
                  "matplotlib", "tqdm"],
+        # mas_optim.avalanche.MasPlugin (tests/test_avalanche.py skips without it: it adds about
+        # 4 minutes of installs to a CI set-up)
+        "avalanche": ["avalanche-lib>=0.6"],
     },
 )
