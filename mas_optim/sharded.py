@@ -110,8 +110,8 @@ def compute_omega_sharded(model: nn.Module, loader: Iterable, **kwargs: Any) -> 
     parameters are resharded (and FSDP's settings restored) afterwards.
 
     Args:
-        model: the ``fully_shard``-ed network F (its root or any module holding all
-            parameters), in the same state on every rank.
+        model: the network F, to whose root (or top-level modules) ``fully_shard`` was
+            applied, in the same state on every rank.
         loader: this rank's batches, as for :func:`mas_optim.compute_omega`.
         **kwargs: ``per_sample``, ``method``, ... as for :func:`mas_optim.compute_omega`.
 
