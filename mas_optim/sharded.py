@@ -103,7 +103,8 @@ def compute_omega_sharded(model: nn.Module, loader: Iterable, **kwargs: Any) -> 
 
     The pass needs every parameter whole. FSDP all-gathers a module's parameters at each of
     its forwards, a collective that would hang when ranks run different numbers of forwards
-    (different batch counts, or a per-sample path that runs one forward per sample). So the
+    (different batch counts, or the generic per-sample path, whose number of forwards depends
+    on the number of samples). So the
     whole model is all-gathered once before the pass and FSDP is told not to reshard or
     reduce until it ends: the pass itself runs no collective. The price is one full copy of
     the parameters and of the fp32 sums on every rank for the duration of the pass; the
