@@ -204,3 +204,28 @@ def test_a_16_bit_image_is_refused_rather_than_clipped(tmp_path):
     Image.fromarray(deep).save(data / "task_0" / "train" / "a" / "0.png")
     with pytest.raises(AppError, match="0.png: I;16 images"):
         image_folder_tasks(str(data), 6, arch="mlp")
+
+
+def test_digit_folders_hold_the_benchmarks_images(tmp_path):
+    from data_fixtures import write_digit_folders
+    from utils.data import split_digits
+
+    data = write_digit_folders(tmp_path / "d", num_tasks=2)
+    folders = image_folder_tasks(str(data), 8, arch="mlp")
+    p = folders[0].preprocessing
+    assert p.channels == 1 and p.augment == "none"
+    assert len(folders) == 2
+    for bench, folder in zip(split_digits(), folders):
+        assert folder.classes == bench.classes
+        for split in ("train", "test"):
+            x, y = getattr(bench, split).tensors
+            xf, yf = next(iter(make_loader(getattr(folder, split), len(y))))
+            pixels = xf * p.std[0] + p.mean[0]  # undo the normalisation
+            # the same images (8-bit quantised), grouped by class: compare as sorted sets
+            key = lambda images: sorted(tuple(i.flatten().tolist()) for i in images)  # noqa
+            assert sorted(yf.tolist()) == sorted(y.tolist())
+            for label in (0, 1):
+                got, want = pixels[yf == label], x[y == label]
+                assert got.shape == want.shape
+                assert torch.allclose(torch.tensor(key((got * 255).round())),
+                                      torch.tensor(key((want * 255).round())), atol=0)
