@@ -7,12 +7,13 @@ names its parameters ``shared.*`` and ``head.*``: these names are the keys of re
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from utils import AppError
+from utils import AppError, first_line
 
 ARCHS = ("mlp", "cnn", "alexnet")
 ALEXNET_MIN_SIZE = 63  # smallest input for which AlexNet's feature maps stay non-empty
@@ -65,10 +66,7 @@ class AlexNetShared(nn.Module):
 
 
 def _mlp(input_shape: tuple[int, ...], hidden: int) -> nn.Sequential:
-    n_in = 1
-    for d in input_shape:
-        n_in *= d
-    return nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(),
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(),
                          nn.Linear(hidden, hidden), nn.ReLU())
 
 
@@ -91,9 +89,9 @@ def load_pretrained_alexnet(shared: AlexNetShared, path: str) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
     try:
         shared.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise AppError(f"--pretrained {path}: not torchvision AlexNet weights ({first})") from None
+    except RuntimeError as exc:  # load_state_dict's missing/unexpected keys, wrong shapes
+        raise AppError(f"--pretrained {path}: not torchvision AlexNet weights "
+                       f"({first_line(exc)})") from None
 
 
 def build_shared(arch: str, input_shape: tuple[int, ...], hidden: int,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from PIL import Image
 
-import conftest_app  # noqa: F401  (puts the repository root on sys.path)
 
 from utils import data_prep
 from utils.data import image_folder_tasks

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torchvision
 
-import conftest_app  # noqa: F401  (puts the repository root on sys.path)
 
 import model_class
 from model_class import (AlexNetShared, TaskModel, build_shared, freeze_first_layers,

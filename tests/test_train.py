@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from conftest_app import (FAST, make_image_tasks, results, run_cli, run_main, snapshot,
+from helpers import (FAST, make_image_tasks, results, run_cli, run_main, snapshot,
                           write_mnist)
 
 import mas_optim
@@ -48,10 +49,9 @@ def test_split_digits_one_epoch_writes_the_original_tree(tmp_path, capsys):
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_saved_files_rebuild_the_model(tmp_path):
+def test_saved_files_rebuild_the_model(finished_run):
     """shared_model.pth + a head load into TaskModel and reproduce the reported accuracy."""
-    out = tmp_path / "m"
-    assert run_main(FAST, out) == 0
+    out = finished_run
     from utils.data import make_loader, split_digits
     from utils.evaluate import accuracy
 
@@ -81,10 +81,9 @@ def test_mas_forgets_less_than_fine_tuning_with_the_defaults(tmp_path):
     assert sum(gap_acc) / 2 > 4 and min(gap_acc) > 1
 
 
-def test_resume_after_a_stop_gives_the_identical_result(tmp_path):
+def test_resume_after_a_stop_gives_the_identical_result(tmp_path, finished_run):
     """Killed after task 2's first epoch, resumed: same acc_matrix, bit-identical weights."""
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert run_main(FAST, ref) == 0
+    ref, cut = finished_run, tmp_path / "cut"
     killed = run_cli(FAST, cut, env={"MAS_OPTIM_KILL_AT": "after-epoch:3"})
     assert killed.returncode == -9, killed.stderr
     assert not (cut / "Task_2").exists() and (cut / "Task_1" / "head.pth").exists()
@@ -94,36 +93,47 @@ def test_resume_after_a_stop_gives_the_identical_result(tmp_path):
     assert (cut / "reg_params.pickle").read_bytes() == (ref / "reg_params.pickle").read_bytes()
 
 
-def test_resume_of_a_finished_run_changes_nothing_and_reports(tmp_path, capsys):
+def test_resume_of_a_finished_run_changes_nothing_and_reports(tmp_path, finished_run, capsys):
+    from utils.evaluate import report
+
     out = tmp_path / "m"
-    assert run_main(FAST, out) == 0
-    first = capsys.readouterr().out
+    shutil.copytree(finished_run, out)
     before = snapshot(out)
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert run_main([*FAST, "--resume"], out) == 0
-    again = capsys.readouterr().out
     assert snapshot(out) == before
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
-    table = first[first.index(" #  Task"):]
-    assert table in again
+    assert report(results(out)) in capsys.readouterr().out
 
 
-def test_resume_takes_stored_settings_and_refuses_changed_ones(tmp_path, capsys):
+def test_resume_takes_the_stored_settings(tmp_path, finished_run):
     out = tmp_path / "m"
-    assert run_main(FAST, out) == 0
-    assert train.main(["--resume", "--output_dir", str(out)]) == 0  # flags come from the run
-    capsys.readouterr()
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    assert train.main(["--resume", "--output_dir", str(out)]) == 0  # no flags: the run's
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_a_changed_setting(tmp_path, finished_run, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(finished_run, out)
     assert run_main([*FAST, "--resume", "--init_lr", "0.3"], out) == 2
     err = capsys.readouterr().err
     assert "--init_lr" in err and "0.05" in err
 
 
-def test_new_run_into_an_existing_run_needs_overwrite(tmp_path, capsys):
+def test_new_run_into_an_existing_run_is_refused_without_overwrite(tmp_path, finished_run,
+                                                                   capsys):
     out = tmp_path / "m"
-    assert run_main(FAST, out) == 0
+    shutil.copytree(finished_run, out)
     before = snapshot(out)
     assert run_main(FAST, out) == 2
     assert "--resume" in capsys.readouterr().err and snapshot(out) == before
+
+
+def test_overwrite_starts_a_new_run(tmp_path, finished_run):
+    out = tmp_path / "m"
+    shutil.copytree(finished_run, out)
     assert run_main(["--num_epochs", "1", "--hidden", "8", "--overwrite"], out) == 0
     assert results(out)["config"]["hidden"] == 8
 
@@ -195,13 +205,29 @@ def test_plain_log_lines_when_stdout_is_not_a_terminal(tmp_path, capsys):
     assert "\r" not in out  # no progress bars
 
 
-def test_cli_help_and_a_real_process(tmp_path, capsys):
+def test_help_lists_every_flag(capsys):
     assert train.main(["--help"]) == 0
-    shown = capsys.readouterr()
+    shown = capsys.readouterr().out
     for flag in ("--use_gpu", "--batch_size", "--num_freeze_layers", "--num_epochs", "--init_lr",
                  "--reg_lambda", "--output_dir", "--seed", "--resume", "--omega", "--accumulate",
-                 "--benchmark", "--data_dir", "--arch", "--image_size", "--pretrained"):
-        assert flag in shown.out
+                 "--benchmark", "--data_dir", "--arch", "--image_size", "--pretrained",
+                 "--method", "--proximal", "--overwrite", "--mnist_root", "--hidden"):
+        assert flag in shown
+
+
+def test_config_fields_are_the_flags_and_the_stored_settings(tmp_path, finished_run):
+    """One source: every Config field is a flag, and the stored ones are results.json's
+    config."""
+    from dataclasses import fields
+
+    from utils.config import Config, build_parser
+
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert flags == {f.name for f in fields(Config)}
+    assert list(results(finished_run)["config"]) == Config.stored_names()
+
+
+def test_a_real_process_takes_omega_and_accumulate(tmp_path):
     done = run_cli(["--num_epochs", "1", "--hidden", "8", "--omega", "batch", "--accumulate",
                     "0.5"], tmp_path / "m")
     assert done.returncode == 0, done.stderr
@@ -231,15 +257,21 @@ def test_si_resumes_identically(tmp_path):
     assert snapshot(tmp_path / "cut") == snapshot(tmp_path / "ref")
 
 
-def test_progress_bars_on_a_terminal(capsys):
+def test_progress_bar_is_shown_on_a_terminal(monkeypatch):
     from tqdm import tqdm
 
-    progress = train.Progress(tty=True)
-    bar = progress.bar(range(3), "epoch 1")
-    assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2]
-    progress.log("a line")
-    assert "a line" in capsys.readouterr().out
-    assert train.Progress(tty=False).bar([1], "x") == [1]
+    from utils.trainer import bar
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    shown = bar(range(3), "epoch 1")
+    assert isinstance(shown, tqdm) and not shown.disable and list(shown) == [0, 1, 2]
+
+
+def test_progress_bar_is_off_when_stdout_is_not_a_terminal(monkeypatch):
+    from utils.trainer import bar
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    assert bar([1], "x").disable
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

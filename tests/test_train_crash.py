@@ -1,4 +1,4 @@
-"""Kill -9 at named points and at a random moment; --resume must end bit-identical (issue 6).
+"""Kill -9 at named points and at a random moment; --resume must end bit-identical.
 
 The killed runs are real subprocesses (``MAS_OPTIM_KILL_AT`` makes train.py SIGKILL itself at a
 named point), several at a time to keep the suite fast; the resumes run in-process.
@@ -12,9 +12,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
-from conftest_app import FAST, ROOT, results, run_main, snapshot
+from helpers import FAST, ROOT, results, run_main, snapshot
 
 # Each point is hit in a Split Digits run of 5 tasks x 2 epochs (checkpoint writes: 1 initial,
 # then per task 2 epochs + 1 task commit). The very first checkpoint write is left out: a run
@@ -35,19 +33,12 @@ def _start(out, kill_at: str | None, resume: bool = False) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "m"
-    assert run_main(FAST, out) == 0
-    return out
-
-
 def _assert_identical(out, reference) -> None:
     assert results(out)["acc_matrix"] == results(reference)["acc_matrix"]
     assert snapshot(out) == snapshot(reference)  # every file, byte for byte
 
 
-def test_kill_at_every_named_point_then_resume_identically(tmp_path, reference):
+def test_kill_at_every_named_point_then_resume_identically(tmp_path, finished_run):
     outs = {point: tmp_path / point.replace(":", "_").replace("/", "_") for point in POINTS}
     for i in range(0, len(POINTS), PARALLEL):
         procs = {p: _start(outs[p], p) for p in POINTS[i:i + PARALLEL]}
@@ -58,10 +49,10 @@ def test_kill_at_every_named_point_then_resume_identically(tmp_path, reference):
         assert not list(out.rglob("*.tmp")) or point.startswith("write:")
         assert run_main([*FAST, "--resume"], out) == 0, point
         assert not list(out.rglob("*.tmp")), point  # leftovers of the killed write are gone
-        _assert_identical(out, reference)
+        _assert_identical(out, finished_run)
 
 
-def test_killed_again_while_resuming(tmp_path, reference):
+def test_killed_again_while_resuming(tmp_path, finished_run):
     """Kills in a row, the resume itself interrupted, still end identically."""
     out = tmp_path / "m"
     for i, point in enumerate(("write:results.json:2", "after-epoch:3")):
@@ -69,10 +60,10 @@ def test_killed_again_while_resuming(tmp_path, reference):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == -signal.SIGKILL, f"{point}: {err}"
     assert run_main([*FAST, "--resume"], out) == 0
-    _assert_identical(out, reference)
+    _assert_identical(out, finished_run)
 
 
-def test_kill_at_a_random_moment_then_resume_identically(tmp_path, reference):
+def test_kill_at_a_random_moment_then_resume_identically(tmp_path, finished_run):
     seed = random.randrange(1 << 30)
     delay = random.Random(seed).uniform(0.0, 1.5)
     out = tmp_path / "m"
@@ -85,4 +76,4 @@ def test_kill_at_a_random_moment_then_resume_identically(tmp_path, reference):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert run_main([*FAST, "--resume"], out) == 0, f"random kill seed {seed}"
-    _assert_identical(out, reference)
+    _assert_identical(out, finished_run)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest_app import ROOT, results, run_main, snapshot
+from helpers import ROOT, results, run_main, snapshot
 
 import mas_optim
 import model_class
@@ -208,7 +208,7 @@ def _agreement_worker(rank: int, port: int, out: str) -> None:
     seen = []
     try:
         try:  # an error on rank 1 only ends the block on both ranks, with rank 1's message
-            with d.step():
+            with d.error_barrier():
                 if rank == 1:
                     raise AppError("only rank 1 saw this")
         except AppError as exc:

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest_app import FAST, make_image_tasks, run_cli, run_main, snapshot
+from helpers import FAST, make_image_tasks, run_cli, run_main, snapshot
 
 from utils import AppError
 
@@ -109,15 +109,6 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 
 # --- damaged and hostile state files -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory):
-    """A run killed right after task 2 was committed (so a resume would write files)."""
-    out = tmp_path_factory.mktemp("stopped") / "m"
-    done = run_cli(FAST, out, env={"MAS_OPTIM_KILL_AT": "after-task:2"})
-    assert done.returncode == -9, done.stderr
-    return out
-
-
 DAMAGE = {
     "empty": lambda data: b"",
     "truncated": lambda data: data[: len(data) // 2],
@@ -217,12 +208,12 @@ def test_resume_and_overwrite_together(tmp_path, capsys):
 @given(data=st.binary(max_size=600), prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02"]))
 def test_any_bytes_as_checkpoint_give_app_error_or_load(tmp_path, data, prefix):
     """Loaders never crash on arbitrary bytes: an AppError naming the file, or a valid load."""
-    from utils.checkpoint import CrashHook, RunDir
+    from utils.checkpoint import CrashTest, RunDir
 
     path = tmp_path / "checkpoint.pth"
     path.write_bytes(prefix + data)
     try:
-        RunDir(tmp_path, CrashHook(None)).load_checkpoint()
+        RunDir(tmp_path, CrashTest(None)).load_checkpoint()
     except AppError as exc:
         assert str(path) in str(exc) and "\n" not in str(exc)
 
@@ -265,3 +256,19 @@ def test_disk_full_is_one_line_and_resume_finishes_the_run(tmp_path, capsys, mon
     done = json.loads((out / "results.json").read_text())
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert done["acc_matrix"] == whole["acc_matrix"]
+
+
+def test_a_bug_while_restoring_is_not_reported_as_a_bad_checkpoint(stopped_run, tmp_path,
+                                                                  monkeypatch):
+    """Only a file that does not fit becomes "does not fit"; a programming error surfaces."""
+    import model_class
+
+    out = tmp_path / "m"
+    shutil.copytree(stopped_run, out)
+
+    def broken(self, part, state):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(model_class.TaskModel, "load_part", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_main([*FAST, "--resume"], out)

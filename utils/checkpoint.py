@@ -1,12 +1,13 @@
-"""The run's state on disk: one atomic checkpoint, the public files derived from it, a crash hook.
+"""The run's state on disk: one atomic checkpoint (``RunState``), the public files derived from
+it (``RunDir``), and the crash-test kill points (``CrashTest``).
 
-Consistency rule (issue 6): everything needed to resume -- shared weights, heads, reg_params,
-optimizer, scheduler, RNG state, accuracy matrix and the progress marker -- lives in ONE file,
-``checkpoint.pth``, written atomically (``mas_optim.atomic_write``: temp file, fsync, rename). A
-restart therefore never sees two moments mixed. The public files of the original layout
-(``shared_model.pth``, ``reg_params.pickle``, ``Task_k/*``, ``results.json``, ``accuracy.png``)
-are pure functions of a committed checkpoint, written after it (each atomically too), so a crash
-between them is repaired by writing them again from the checkpoint.
+Everything needed to resume -- weights, heads, reg_params, optimizer, scheduler, RNG state,
+accuracy matrix and the progress marker -- lives in ONE file, ``checkpoint.pth``, written
+atomically (``mas_optim.atomic_write``: temp file, fsync, rename), so a restart never sees two
+moments mixed. The public files of the original layout (``shared_model.pth``,
+``reg_params.pickle``, ``Task_k/*``, ``results.json``, ``accuracy.png``) are pure functions of a
+committed checkpoint, written after it (each atomically too), so a crash between them is
+repaired by writing them again from the checkpoint.
 
 Every load uses ``torch.load(..., weights_only=True)`` or ``mas_optim.load_reg_params`` (a
 restricted unpickler): a file never executes code. Damage is reported as one ``AppError`` line
@@ -20,13 +21,14 @@ import os
 import pickle
 import signal
 import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 import mas_optim
-from utils import AppError
+from utils import AppError, first_line
 
 KILL_ENV = "MAS_OPTIM_KILL_AT"
 CHECKPOINT = "checkpoint.pth"
@@ -35,18 +37,17 @@ REG_PARAMS = "reg_params.pickle"
 RESULTS = "results.json"
 PLOT = "accuracy.png"
 CHECKPOINT_VERSION = 1
-_CHECKPOINT_KEYS = ("version", "config", "tasks", "classes", "task", "epoch", "shared", "head",
-                    "heads", "optimizer", "scheduler", "reg_params", "acc_matrix", "rng")
+Tensors = dict[str, torch.Tensor]
+RegParams = dict[str, Tensors]
 
 
-class CrashHook:
-    """Crash-test hook: ``MAS_OPTIM_KILL_AT=<point>[:<n>]`` SIGKILLs the process the n-th time
-    (default 1st) that the code reaches ``<point>``.
+class CrashTest:
+    """Kill points for crash tests: ``MAS_OPTIM_KILL_AT=<point>[:<n>]`` SIGKILLs the process the
+    n-th time (default 1st) that the code reaches ``kill_point(<point>)``.
 
     Points: ``mid-epoch``, ``after-epoch``, ``importance``, ``after-task`` and
     ``write:<file>`` (``<file>`` relative to --output_dir, e.g. ``write:checkpoint.pth`` or
-    ``write:Task_2/head.pth``; hit after the temp file is durable, before the rename). The
-    counter lives in this object, not in module state.
+    ``write:Task_2/head.pth``; reached after the temp file is durable, before the rename).
     """
 
     def __init__(self, spec: str | None) -> None:
@@ -61,10 +62,10 @@ class CrashHook:
                 self.point = spec
 
     @classmethod
-    def from_env(cls) -> "CrashHook":
+    def from_env(cls) -> "CrashTest":
         return cls(os.environ.get(KILL_ENV))
 
-    def __call__(self, point: str) -> None:
+    def kill_point(self, point: str) -> None:
         if point != self.point:
             return
         self.count += 1
@@ -80,46 +81,142 @@ def to_bytes(obj: Any) -> bytes:
 
 
 def load_tensors(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` onto the CPU; any failure -> one-line AppError."""
+    """``torch.load`` with ``weights_only=True`` onto the CPU; a file it cannot load -> one-line
+    AppError naming it."""
     try:
         if path.stat().st_size == 0:
             raise AppError(f"{path}: empty file (damaged)")
         with warnings.catch_warnings():  # e.g. "unusual pickle protocol": the error says it
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except AppError:
-        raise
     except OSError as exc:
         raise AppError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except pickle.UnpicklingError as exc:
-        # torch's message: boilerplate, then the reason, then a link; keep the reason only
-        detail = str(exc).split("trusted source.", 1)[-1].split("Check the doc")[0]
-        detail = " ".join(detail.rpartition("WeightsUnpickler error:")[2].split())
-        detail = detail or _first_sentence(exc)
-        if "GLOBAL" in detail:
-            raise AppError(f"{path}: refused: it asks for code or objects a weights file never "
-                           f"needs ({detail[:120]})") from None
-        raise AppError(f"{path}: damaged or not a weights file ({detail[:160]})") from None
-    except Exception as exc:  # truncated zip, garbage: torch raises many types
-        raise AppError(f"{path}: damaged or not a weights file ({_first_sentence(exc)})") from None
+    except pickle.UnpicklingError:
+        raise AppError(f"{path}: damaged, or holds more than tensors and plain containers "
+                       "(refused by torch's weights-only loader)") from None
+    except (RuntimeError, EOFError, ValueError, LookupError) as exc:
+        # what torch's zip reader and weights-only unpickler raise on malformed bytes (a
+        # truncated archive: RuntimeError; garbage opcodes: IndexError, KeyError,
+        # UnicodeDecodeError, EOFError)
+        raise AppError(f"{path}: damaged or not a weights file ({first_line(exc)})") from None
 
 
-def _first_sentence(exc: Exception) -> str:
-    text = str(exc).strip().split("\n")[0].split(". ")[0]
-    return text[:160] if text else type(exc).__name__
-
-
-def _is_tensor_dict(obj: Any) -> bool:
+def is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-class RunDir:
-    """The files of one run inside ``--output_dir``; all writes atomic and crash-hooked."""
+def cpu_copy(tensors: Tensors) -> Tensors:
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
-    def __init__(self, root: Path, hook: CrashHook) -> None:
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Everything a run needs to continue: the content of ``checkpoint.pth``.
+
+    ``task`` tasks are finished; of task ``task`` (0-based), ``epoch`` epochs are. ``head``,
+    ``optimizer`` and ``scheduler`` belong to that unfinished task (None at its start). Tensors
+    are on the CPU.
+    """
+
+    config: dict[str, Any]
+    tasks: list[str]
+    classes: list[list[str]]
+    shared: Tensors
+    reg_params: RegParams
+    rng: dict[str, Any]
+    task: int = 0
+    epoch: int = 0
+    head: Tensors | None = None
+    heads: list[Tensors] = field(default_factory=list)  # one per finished task
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    acc_matrix: list[list[float]] = field(default_factory=list)  # row i: after task i
+    version: int = CHECKPOINT_VERSION
+
+    def after_epoch(self, **changes: Any) -> "RunState":
+        return replace(self, epoch=self.epoch + 1, **changes)
+
+    def after_task(self, head: Tensors, row: list[float], **changes: Any) -> "RunState":
+        return replace(self, task=self.task + 1, epoch=0, head=None, optimizer=None,
+                       scheduler=None, heads=[*self.heads, head],
+                       acc_matrix=[*self.acc_matrix, row], **changes)
+
+    def to_bytes(self) -> bytes:
+        return to_bytes({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def load(cls, path: Path) -> "RunState":
+        """The state in ``path``, checked before any of it is used; AppError if it is not one."""
+        obj = load_tensors(path)
+        problem = cls._problem(obj)
+        if problem:
+            raise AppError(f"{path}: not a checkpoint of this program ({problem})")
+        return cls(**obj)
+
+    @classmethod
+    def _problem(cls, obj: Any) -> str | None:
+        """Why ``obj`` (what torch.load returned) is not a usable state, or None."""
+        if not isinstance(obj, dict):
+            return f"holds a {type(obj).__name__}, expected a dict"
+        names = [f.name for f in fields(cls)]
+        missing = [k for k in names if k not in obj]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        unknown = sorted(map(str, set(obj) - set(names)))
+        if unknown:
+            return f"unknown entries {', '.join(unknown)}"
+        if obj["version"] != CHECKPOINT_VERSION:
+            return f"version {obj['version']!r}, expected {CHECKPOINT_VERSION}"
+        if not isinstance(obj["config"], dict):
+            return "config is not a dict"
+        if not all(isinstance(x, list) for x in (obj["tasks"], obj["classes"], obj["heads"],
+                                                 obj["acc_matrix"])):
+            return "tasks, classes, heads or acc_matrix is not a list"
+        n_tasks = len(obj["tasks"])
+        if not (type(obj["task"]) is int and 0 <= obj["task"] <= n_tasks):
+            return f"task index {obj['task']!r} outside 0..{n_tasks}"
+        if not (type(obj["epoch"]) is int and obj["epoch"] >= 0):
+            return f"epoch {obj['epoch']!r} is not a count"
+        if len(obj["heads"]) != obj["task"] or len(obj["acc_matrix"]) != obj["task"]:
+            return "heads/accuracy rows do not match the number of finished tasks"
+        if not all(is_tensor_dict(h) for h in [obj["shared"], *obj["heads"], obj["head"] or {}]):
+            return "the shared weights or a head is not a tensor dict"
+        if any(not isinstance(row, list) or len(row) != i + 1
+               for i, row in enumerate(obj["acc_matrix"])):
+            return "the accuracy matrix is not lower-triangular"
+        if not (isinstance(obj["reg_params"], dict) and all(
+                is_tensor_dict(d) and set(d) == {"omega", "init_val"}
+                for d in obj["reg_params"].values())):
+            return "reg_params is not {name: {omega, init_val}}"
+        if not (isinstance(obj["rng"], dict) and isinstance(obj["rng"].get("torch"),
+                                                            torch.Tensor)):
+            return "rng is not an RNG state"
+        for name, tensor in [*obj["shared"].items(), *[
+                (f"{n}.{k}", v) for n, d in obj["reg_params"].items() for k, v in d.items()]]:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return f"{name} holds NaN or Inf"
+        return None
+
+
+class RunDir:
+    """The files of one run inside ``--output_dir``; every write atomic, with a kill point
+    between its durable temp file and the rename."""
+
+    def __init__(self, root: Path, crash_test: CrashTest) -> None:
         self.root = root
-        self.hook = hook
+        self.crash_test = crash_test
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -174,9 +271,10 @@ class RunDir:
             pass  # missing or unreadable: write it
         with _write_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            mas_optim.atomic_write(path, data, before_replace=lambda: self.hook(f"write:{rel}"))
+            mas_optim.atomic_write(
+                path, data, before_replace=lambda: self.crash_test.kill_point(f"write:{rel}"))
 
-    def write_reg_params(self, reg_params: dict[str, dict[str, torch.Tensor]]) -> None:
+    def write_reg_params(self, reg_params: RegParams) -> None:
         """Save reg_params with the library's own (atomic) writer unless the file holds them."""
         path = self.path(REG_PARAMS)
         if path.is_file():
@@ -186,90 +284,47 @@ class RunDir:
             except mas_optim.RegParamsError:
                 pass  # checked before anything is written; here it is just to be replaced
         with _write_errors(path):
-            mas_optim.save_reg_params(reg_params, path,
-                                      before_replace=lambda: self.hook(f"write:{REG_PARAMS}"))
+            mas_optim.save_reg_params(
+                reg_params, path,
+                before_replace=lambda: self.crash_test.kill_point(f"write:{REG_PARAMS}"))
 
-    # --- the checkpoint -------------------------------------------------------------------
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, state: RunState) -> None:
         """Commit the whole run state in one atomic write (the commit point of the run)."""
-        self.write(CHECKPOINT, to_bytes(state))
+        self.write(CHECKPOINT, state.to_bytes())
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
+    def load_checkpoint(self) -> RunState | None:
         """The committed run state, ``None`` when there is no checkpoint; AppError if damaged."""
         path = self.path(CHECKPOINT)
-        if not path.exists():
-            return None
-        state = load_tensors(path)
-        problem = _checkpoint_problem(state)
-        if problem:
-            raise AppError(f"{path}: not a checkpoint of this program ({problem})")
-        return state
+        return RunState.load(path) if path.exists() else None
 
-    def check_saved_files(self, state: dict[str, Any]) -> None:
+    def check_saved_files(self, state: RunState) -> None:
         """Before a resume writes anything: every public file present must load cleanly.
 
         A damaged file means something outside this program touched it (our writes are atomic);
         we stop and name it rather than silently overwrite evidence.
         """
-        shared_keys = set(state["shared"])
         path = self.path(SHARED)
         if path.exists():
             obj = load_tensors(path)
-            if not _is_tensor_dict(obj) or set(obj) != shared_keys:
+            if not is_tensor_dict(obj) or set(obj) != set(state.shared):
                 raise AppError(f"{path}: not the shared model of this run (wrong tensor names)")
         path = self.path(REG_PARAMS)
         if path.exists():
             try:
                 mas_optim.load_reg_params(path)
             except mas_optim.RegParamsError as exc:
-                raise AppError(str(exc).splitlines()[0]) from None
-        for k in range(len(state["heads"])):
+                raise AppError(first_line(exc, limit=400)) from None
+        for k in range(len(state.heads)):
             path = self.path(f"{self.task_dir(k)}/head.pth")
-            if path.exists() and not _is_tensor_dict(load_tensors(path)):
+            if path.exists() and not is_tensor_dict(load_tensors(path)):
                 raise AppError(f"{path}: not a head state dict")
 
 
-def _same_reg_params(a: Any, b: dict[str, dict[str, torch.Tensor]]) -> bool:
+def _same_reg_params(a: Any, b: RegParams) -> bool:
     if not isinstance(a, dict) or a.keys() != b.keys():
         return False
     return all(a[n].keys() == b[n].keys() and all(torch.equal(a[n][k], b[n][k]) for k in b[n])
                for n in b)
-
-
-def _checkpoint_problem(state: Any) -> str | None:
-    """Why ``state`` is not a usable checkpoint, or None. Checked before any of it is used."""
-    try:
-        return _structure_problem(state)
-    except (AttributeError, KeyError, TypeError) as exc:
-        return f"malformed ({type(exc).__name__}: {exc})"
-
-
-def _structure_problem(state: Any) -> str | None:
-    if not isinstance(state, dict):
-        return f"holds a {type(state).__name__}, expected a dict"
-    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    if state["version"] != CHECKPOINT_VERSION:
-        return f"version {state['version']!r}, expected {CHECKPOINT_VERSION}"
-    if not _is_tensor_dict(state["shared"]):
-        return "shared weights are not a tensor dict"
-    n_tasks = len(state["tasks"])
-    if not (isinstance(state["task"], int) and 0 <= state["task"] <= n_tasks):
-        return f"task index {state['task']!r} outside 0..{n_tasks}"
-    if len(state["heads"]) != state["task"] or len(state["acc_matrix"]) != state["task"]:
-        return "heads/accuracy rows do not match the number of finished tasks"
-    if not all(_is_tensor_dict(h) for h in state["heads"] + [state["head"] or {}]):
-        return "a head is not a tensor dict"
-    if any(len(row) != i + 1 for i, row in enumerate(state["acc_matrix"])):
-        return "the accuracy matrix is not lower-triangular"
-    if not isinstance(state["config"], dict):
-        return "config is not a dict"
-    for name, tensors in list(state["shared"].items()) + [
-            (f"{n}.{k}", v) for n, d in state["reg_params"].items() for k, v in d.items()]:
-        if tensors.is_floating_point() and not torch.isfinite(tensors).all():
-            return f"{name} holds NaN or Inf"
-    return None
 
 
 @contextlib.contextmanager

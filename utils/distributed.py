@@ -2,15 +2,15 @@
 
 ``train.py`` runs data-parallel when started by ``torchrun`` (which sets ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE``); without those it is one process and every method here is a
-no-op (or the identity), so the single-process path is exactly what it was.
+no-op (or the identity).
 
 Rules the application keeps under ``torchrun``:
 
 * only rank 0 writes files and prints; every rank computes the same state;
 * every rank reads the same committed files, and no rank reads a file before rank 0 committed
-  it: the writes happen inside :meth:`Dist.step` blocks, which end with a collective;
-* an ``AppError`` on any rank inside a :meth:`Dist.step` block is raised on *every* rank at the
-  block's end (so all of them exit with code 2 and one line, printed by rank 0), never a hang;
+  it: the writes happen inside :meth:`Dist.error_barrier` blocks, which end with a collective;
+* an ``AppError`` on any rank inside a :meth:`Dist.error_barrier` block is raised on *every*
+  rank at the block's end (so all of them exit with code 2 and one line, printed by rank 0), never a hang;
   the same holds for the checks whose outcome is the same on every rank by construction
   (parameters, penalty and Omega are identical on all ranks; the loss is gathered first). An
   error only one rank can see outside such a block (an unreadable image in its shard) is
@@ -153,9 +153,9 @@ class Dist:
                                           else f"(on rank {rank}) {message}"))
 
     @contextmanager
-    def step(self) -> Iterator[None]:
-        """``with dist.step(): ...``: the block's ``AppError`` (on any rank) ends the block on
-        every rank with that error. Blocks must not contain collectives of their own that a
+    def error_barrier(self) -> Iterator[None]:
+        """``with dist.error_barrier(): ...``: a barrier at the block's end that also carries
+        errors: the block's ``AppError`` (on any rank) ends the block on every rank with it. Blocks must not contain collectives of their own that a
         failing rank could skip (apart from those that all ranks reach before any can fail)."""
         error: AppError | None = None
         try:

@@ -1,7 +1,7 @@
-"""Shared helpers for the application tests (train.py, utils/, model_class.py).
+"""Plain helpers for the application tests (train.py, utils/, model_class.py) and benchmarks.
 
-Imported explicitly by the test modules (``from conftest_app import ...``); it also puts the
-repository root on ``sys.path`` so ``import train`` works however pytest is started.
+pytest.ini puts the repository root and tests/ on ``sys.path`` (``pythonpath = . tests``), so
+test modules ``from helpers import ...`` and ``import train``.
 """
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import train  # noqa: E402  (needs ROOT on sys.path)
 
 # Small but complete Split Digits run: 5 tasks, 2 epochs, a narrow MLP.
 FAST = ["--num_epochs", "2", "--hidden", "16"]
@@ -26,6 +22,8 @@ FAST = ["--num_epochs", "2", "--hidden", "16"]
 
 def run_main(args: list[str], out: Path) -> int:
     """``train.main`` in this process (fast: no interpreter start, no torch import)."""
+    import train
+
     return train.main([*args, "--output_dir", str(out)])
 
 

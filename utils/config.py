@@ -1,0 +1,230 @@
+"""The run's settings: one dataclass, ``Config``, from which everything else is derived.
+
+Each field is one ``train.py`` flag: its help text, parser and default are in the field, its
+per-benchmark default (if any) in ``PRESETS``, its per-backbone default in ``ARCH_DEFAULTS``.
+``build_parser`` (argparse, ``--help``), ``Config.from_flags`` (a new run),
+``Config.to_dict`` (the checkpoint's and results.json's ``config``) and ``Config.resumed``
+(the ``--resume`` check) all read these. Adding a flag is adding a field.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+from model_class import ARCHS
+from utils import AppError
+from utils.data import BENCHMARKS
+from utils.methods import METHODS
+
+LR_STEP_EPOCHS = 20  # the original decays the learning rate x0.1 every 20 epochs
+LR_GAMMA = 0.1
+MOMENTUM = 0.9
+FOLDERS = "folders"  # the benchmark name of a --data_dir run
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Per-benchmark defaults (a flag left out takes these)."""
+
+    arch: str
+    hidden: int
+    num_epochs: int
+    batch_size: int
+    init_lr: float
+    reg_lambda: float
+
+
+# The digits settings were tuned by running fine-tuning (--reg_lambda 0) against MAS; see
+# README.md for the numbers. "folders" keeps the original repository's defaults.
+PRESETS: dict[str, Preset] = {
+    "split-digits": Preset("mlp", 64, num_epochs=20, batch_size=16, init_lr=0.05,
+                           reg_lambda=0.1),
+    "permuted-digits": Preset("mlp", 128, num_epochs=10, batch_size=16, init_lr=0.05,
+                              reg_lambda=0.1),
+    "split-mnist": Preset("mlp", 256, num_epochs=2, batch_size=64, init_lr=0.05, reg_lambda=0.1),
+    FOLDERS: Preset("alexnet", 256, num_epochs=10, batch_size=8, init_lr=0.001,
+                    reg_lambda=0.01),
+}
+# Per-backbone defaults (image_size applies to --data_dir images only).
+ARCH_DEFAULTS: dict[str, dict[str, int]] = {
+    "alexnet": dict(image_size=224, num_freeze_layers=2),
+    "cnn": dict(image_size=32, num_freeze_layers=0),
+    "mlp": dict(image_size=32, num_freeze_layers=0),
+}
+
+
+def _number(kind: type, minimum: float, strict: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {minimum}")
+        return value
+    return parse
+
+
+def _accumulate(text: str) -> str | float:
+    if text == "sum":
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'sum' or a number in [0, 1]") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: alpha must be in [0, 1]")
+    return alpha
+
+
+def _flag(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
+          choices: tuple[str, ...] | None = None, metavar: str | None = None,
+          stored: bool = True) -> Any:
+    """A field that is a command-line flag. ``stored``: it determines the result, so it is saved
+    with the run, written to results.json and must not change on --resume."""
+    return field(default=default, metadata=dict(help=help, parse=parse, choices=choices,
+                                                metavar=metavar, stored=stored))
+
+
+POSITIVE_INT, COUNT = _number(int, 0, True), _number(int, 0, False)
+POSITIVE, NON_NEGATIVE = _number(float, 0, True), _number(float, 0, False)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every flag of ``train.py``; ``None`` means "the default of this benchmark/backbone"."""
+
+    benchmark: str | None = _flag(
+        None, "built-in task sequence (default split-digits; not with --data_dir): split-digits, "
+        "permuted-digits (5 pixel permutations, 10 classes each), split-mnist (needs "
+        "--mnist_root)", choices=BENCHMARKS)
+    data_dir: str | None = _flag(
+        None, "folder with one sub-folder per task (sorted), each holding train/ and test/ in "
+        "ImageFolder layout (<split>/<class>/<image>)")
+    mnist_root: str | None = _flag(
+        None, "for split-mnist: folder holding MNIST/raw/ with MNIST's four idx files")
+    arch: str | None = _flag(
+        None, "shared backbone (alexnet: AlexNet's features+classifier shared, its last layer "
+        "one head per task)", choices=ARCHS)
+    image_size: int | None = _flag(
+        None, "images are resized to NxN (--data_dir only; alexnet needs >= 63)",
+        parse=POSITIVE_INT)
+    hidden: int | None = _flag(None, "width of the mlp/cnn backbone", parse=POSITIVE_INT)
+    pretrained: str | None = _flag(
+        None, "torchvision AlexNet ImageNet weights file (e.g. alexnet-owt-7be5be79.pth); "
+        "nothing is downloaded, without it AlexNet trains from scratch", metavar="PATH")
+    num_freeze_layers: int | None = _flag(
+        None, "freeze the first K conv/linear layers of the shared backbone: neither trained nor "
+        "regularised", parse=COUNT)
+    num_epochs: int | None = _flag(None, "epochs per task", parse=POSITIVE_INT)
+    batch_size: int | None = _flag(None, "batch size", parse=POSITIVE_INT)
+    init_lr: float | None = _flag(
+        None, f"initial learning rate, x{LR_GAMMA} every {LR_STEP_EPOCHS} epochs, SGD momentum "
+        f"{MOMENTUM}", parse=POSITIVE)
+    reg_lambda: float | None = _flag(
+        None, "MAS penalty strength lambda in lambda*sum(Omega*(theta-theta*)^2); 0 is plain "
+        "fine-tuning", parse=NON_NEGATIVE)
+    method: str = _flag(
+        "mas", "importance Omega after each task: " + ", ".join(
+            f"{name} ({m.help})" for name, m in METHODS.items()), choices=tuple(METHODS))
+    proximal: bool = _flag(
+        False, "apply the penalty by its exact proximal map instead of a gradient step (stable "
+        "for any reg_lambda)")
+    omega: str = _flag(
+        "per-sample", "importance: mean over samples of |d||f(x)||^2/dtheta| (per-sample, the "
+        "paper's Eq. 2) or from the gradient of whole batches (faster, coarser)",
+        choices=("per-sample", "batch"))
+    accumulate: str | float = _flag(
+        "sum", "how Omega of a new task joins the old: 'sum' (the paper) or alpha in [0,1] for "
+        "a running average", parse=_accumulate)
+    seed: int = _flag(0, "seed for initialisation and data order", parse=int)
+    output_dir: str = _flag(
+        "models", "where shared_model.pth, reg_params.pickle, Task_k/, results.json, "
+        "accuracy.png and checkpoint.pth go", stored=False)
+    resume: bool = _flag(
+        False, "continue the run in --output_dir from its last checkpoint (finished tasks are "
+        "not redone; on a finished run just print its report)", stored=False)
+    overwrite: bool = _flag(False, "start a new run even if --output_dir holds one", stored=False)
+    use_gpu: bool = _flag(
+        False, "train on the CUDA GPU (under torchrun: cuda:LOCAL_RANK, NCCL)", stored=False)
+
+    @classmethod
+    def stored_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.metadata["stored"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that determine the result (the checkpoint's and results.json's)."""
+        return {name: getattr(self, name) for name in self.stored_names()}
+
+    @classmethod
+    def from_flags(cls, given: dict[str, Any]) -> "Config":
+        """A new run: the flags given, then the benchmark's and the backbone's defaults."""
+        if given.get("data_dir") is not None and given.get("benchmark") is not None:
+            raise AppError("give either --benchmark or --data_dir, not both")
+        benchmark = FOLDERS if given.get("data_dir") is not None else (
+            given.get("benchmark") or "split-digits")
+        if benchmark != FOLDERS and given.get("image_size") is not None:
+            raise AppError("--image_size applies to --data_dir images only")
+        preset = PRESETS[benchmark]
+        arch = given.get("arch") or preset.arch
+        if given.get("pretrained") is not None and arch != "alexnet":
+            raise AppError("--pretrained holds AlexNet weights: use it with --arch alexnet")
+        by_arch = {k: v for k, v in ARCH_DEFAULTS[arch].items()
+                   if k != "image_size" or benchmark == FOLDERS}
+        values = {**asdict(preset), **by_arch, **given, "benchmark": benchmark, "arch": arch}
+        if not METHODS[values.get("method", "mas")].penalty:
+            if given.get("reg_lambda"):
+                raise AppError(f"--method {values['method']} has no penalty: drop --reg_lambda")
+            values["reg_lambda"] = 0.0
+        return cls(**values)
+
+    @classmethod
+    def resumed(cls, stored: Any, given: dict[str, Any], where: str) -> "Config":
+        """The stored settings of the run in ``where``; refuse given flags that differ."""
+        names = cls.stored_names()
+        missing = [k for k in names if not isinstance(stored, dict) or k not in stored]
+        if missing:
+            raise AppError(f"{where}: settings missing ({', '.join(missing)})")
+        for key in names:
+            if key in given and given[key] != stored[key]:
+                raise AppError(f"--resume: {where} was started with --{key} {stored[key]}, not "
+                               f"{given[key]} (drop the flag, or use another --output_dir)")
+        return cls(**{k: stored[k] for k in names},
+                   **{k: v for k, v in given.items() if k not in names})
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as ONE line (exit 2), like every other input error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _default_text(name: str, default: Any) -> str:
+    if name in Preset.__dataclass_fields__:
+        return ", ".join(f"{'--data_dir' if b == FOLDERS else b} {getattr(p, name)}"
+                         for b, p in PRESETS.items())
+    if name in ARCH_DEFAULTS["mlp"]:
+        return ", ".join(f"{arch} {d[name]}" for arch, d in ARCH_DEFAULTS.items())
+    return "" if default in (None, False) else str(default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, from ``Config``'s fields. Flags left out are absent from the parsed
+    namespace (``argparse.SUPPRESS``): what --resume checks is what the user typed."""
+    parser = _Parser(prog="train.py", argument_default=argparse.SUPPRESS, description=(
+        "Train a sequence of tasks with Memory Aware Synapses (Aljundi et al., ECCV 2018) and "
+        "report forgetting. Without arguments: Split Digits (scikit-learn digits, 5 tasks of 2 "
+        "digits), under a minute on a CPU."))
+    for f in fields(Config):
+        meta = f.metadata
+        default = _default_text(f.name, f.default)
+        help_text = meta["help"] + (f" (default {default})" if default else "")
+        if f.default is False:
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=meta["parse"], choices=meta["choices"],
+                                metavar=meta["metavar"], help=help_text)
+    return parser
