@@ -14,7 +14,8 @@ After each training experience the plugin computes that experience's importance 
 reg_params (:func:`mas_optim.consolidate_reg_params`, θ* = the current weights) and hands them
 to the optimizer: ``LocalSgd``'s ``reg_params``, or, for any other torch optimizer, a penalty
 attached with :func:`mas_optim.add_mas_penalty`. Parameters Avalanche adds later (a new task's
-head) join reg_params at the next consolidation. The plugin's state (reg_params) is part of the
+head) join reg_params at the next consolidation; a head that grows new output units keeps the
+importance of its old ones. The plugin's state (reg_params) is part of the
 strategy, so Avalanche's ``save_checkpoint``/``maybe_load_checkpoint`` carry it.
 """
 
@@ -70,7 +71,28 @@ class MasPlugin(SupervisedPlugin):
         # After a checkpoint is loaded or the optimizer is replaced, the hook must be attached
         # again (torch does not pickle optimizer hooks).
         if self.reg_params:
+            self._follow_growth(strategy.model)
             self._hand_over(strategy)
+
+    @torch.no_grad()
+    def _follow_growth(self, model: nn.Module) -> None:
+        """A head that grew new output units (Avalanche's IncrementalClassifier) keeps Ω and θ*
+        of its old units; the new ones start unregularised (Ω = 0, θ* = θ)."""
+        named = dict(model.named_parameters())
+        for name, entry in self.reg_params.items():
+            p = named.get(name)
+            old = entry["omega"].shape
+            if p is None or old == p.shape:
+                continue
+            if p.dim() != len(old) or p.shape[1:] != old[1:] or p.shape[0] < old[0]:
+                raise ValueError(f"MasPlugin: parameter {name!r} changed shape from "
+                                 f"{tuple(old)} to {tuple(p.shape)}; only new output units "
+                                 "(growth along dim 0) can keep their importance")
+            omega = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            init = p.detach().clone(memory_format=torch.contiguous_format)
+            omega[:old[0]] = entry["omega"]
+            init[:old[0]] = entry["init_val"]
+            entry["omega"], entry["init_val"] = omega, init
 
     @torch.no_grad()
     def after_training_exp(self, strategy, *args, **kwargs) -> None:

@@ -10,7 +10,8 @@ avalanche = pytest.importorskip("avalanche")
 
 from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark  # noqa: E402
 from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint  # noqa: E402
-from avalanche.models import MultiHeadClassifier, MultiTaskModule  # noqa: E402
+from avalanche.models import (IncrementalClassifier, MultiHeadClassifier,  # noqa: E402
+                               MultiTaskModule)
 from avalanche.training import Naive  # noqa: E402
 from avalanche.training.plugins import SupervisedPlugin  # noqa: E402
 
@@ -136,3 +137,41 @@ def test_checkpoint_and_resume_continue_identically(tmp_path):
         unpenalised.optimizer.param_groups[0]["reg_lambda"] = 0.0
     unpenalised.train(bench.train_stream[1])
     assert not torch.equal(unpenalised.model.shared[0].weight, want["shared.0.weight"])
+
+
+class GrowingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+        self.classifier = IncrementalClassifier(16, initial_out_features=2)
+
+    def forward(self, x):
+        return self.classifier(self.shared(x))
+
+
+def test_a_growing_head_keeps_the_importance_of_its_old_units():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 6, generator=g) * 2
+    def split(n):
+        y = torch.arange(4).repeat_interleave(n)
+        return Tensors(centers[y] + 0.5 * torch.randn(len(y), 6, generator=g), y)
+    bench = nc_benchmark(split(24), split(8), n_experiences=2, task_labels=False, seed=0,
+                         fixed_class_order=[0, 1, 2, 3])
+    torch.manual_seed(0)
+    model = GrowingNet()
+    opt = mas_optim.LocalSgd(model.named_parameters(), reg_lambda=1.0, lr=0.05, momentum=0.9,
+                             proximal=True)
+    plugin = MasPlugin()
+    strategy = Naive(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(),
+                     train_mb_size=8, train_epochs=2, device="cpu", plugins=[plugin],
+                     evaluator=None)
+    strategy.train(bench.train_stream[0])
+    first = {k: plugin.reg_params["classifier.classifier.weight"][k].clone()
+             for k in ("omega", "init_val")}
+    assert first["omega"].shape == (2, 16) and first["omega"].sum() > 0
+    strategy.train(bench.train_stream[1])  # the head grows to 4 units
+    entry = plugin.reg_params["classifier.classifier.weight"]
+    assert entry["omega"].shape == (4, 16)
+    # Ω of the old units is kept and the second task's importance added to it (Ω only grows)
+    assert (entry["omega"][:2] >= first["omega"]).all()
+    assert entry["omega"][2:].sum() > 0
