@@ -121,7 +121,7 @@ class MasPenalty:
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         for i, group in enumerate(optimizer.param_groups):
-            coef = 2.0 * float(group.get("reg_lambda", self.reg_lambda))
+            coef = 2.0 * as_reg_lambda(group.get("reg_lambda", self.reg_lambda))
             if coef == 0:
                 continue
             params, terms = self._regularised(group, i, coef)
@@ -154,7 +154,7 @@ class MasPenalty:
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
         for i, group in enumerate(optimizer.param_groups):
-            coef = 2.0 * float(group.get("reg_lambda", self.reg_lambda))
+            coef = 2.0 * as_reg_lambda(group.get("reg_lambda", self.reg_lambda))
             if coef == 0:
                 continue
             lr = float(group["lr"])

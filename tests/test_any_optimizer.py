@@ -219,6 +219,12 @@ def test_bad_reg_params_and_lambda_are_refused_with_the_name():
         add_mas_penalty(opt, reg)
     with pytest.raises(ValueError, match="Invalid reg_lambda value: -1"):
         add_mas_penalty(opt, random_reg_params(model), reg_lambda=-1)
+    opt.param_groups[0]["reg_lambda"] = -2.0
+    add_mas_penalty(opt, random_reg_params(model))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError, match="Invalid reg_lambda value: -2.0"):
+        opt.step()
     with pytest.raises(TypeError, match="LocalSgd already applies"):
         add_mas_penalty(mas_optim.LocalSgd(model.named_parameters()), random_reg_params(model))
 
