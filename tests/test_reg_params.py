@@ -142,7 +142,8 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
 
 
 def test_torch_pickled_tensors_are_refused(tmp_path):
-    """What the reimplementation wrote (pickled tensors) needs torch's globals: refused."""
+    """A file of pickled tensors (a dict keyed by name, saved with pickle) needs torch's globals:
+    refused."""
     path = tmp_path / "old.pickle"
     path.write_bytes(pickle.dumps({"w": {"omega": torch.zeros(2), "init_val": torch.zeros(2)}}))
     with pytest.raises(RegParamsError, match="refused"):
