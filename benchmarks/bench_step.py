@@ -87,15 +87,17 @@ def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, Any]:
                               before_step=python_loop),
     }
     adam_hp = dict(lr=1e-3, weight_decay=0.01)
-    adam = {name: mlp(hidden) for name in ("plain", "hook", "cached", "auto")}
+    adam = {name: mlp(hidden) for name in ("plain", "hook", "cached", "fused", "auto")}
     adam_opts = {name: torch.optim.AdamW(m.named_parameters(), **adam_hp)
                  for name, m in adam.items()}
     mas_optim.add_mas_penalty(adam_opts["hook"], reg, reg_lambda=lam)
     mas_optim.add_mas_penalty(adam_opts["cached"], reg, reg_lambda=lam, cache_penalty=True)
+    fused_penalty = mas_optim.add_mas_penalty(adam_opts["fused"], reg, reg_lambda=lam, fused=True)
     adam_fns = {
         "baseline": runner(adam["plain"], adam_opts["plain"]),
         "add_mas_penalty": runner(adam["hook"], adam_opts["hook"]),
         "add_mas_penalty cached": runner(adam["cached"], adam_opts["cached"]),
+        "add_mas_penalty fused": runner(adam["fused"], adam_opts["fused"]),
         "autograd penalty": runner(adam["auto"], adam_opts["auto"],
                                    extra_loss=autograd_penalty(list(adam["auto"].named_parameters()))),
     }
@@ -104,6 +106,7 @@ def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, Any]:
         f()
     out = {"sgd": paired(sgd_fns, repeats, inner), "adamw": paired(adam_fns, repeats, inner)}
     out["fused_fell_back"] = fused_opt._fused_kernel is False
+    out["fused_penalty_fell_back"] = fused_penalty._fused_kernel is False
     return out
 
 
@@ -124,6 +127,8 @@ def main(repeats: int) -> None:
         print(f"    AdamW, {a['baseline_ms']:.2f} ms per step:  "
               f"add_mas_penalty {a['add_mas_penalty']:.3f}x   "
               f"cached {a['add_mas_penalty cached']:.3f}x   "
+              f"fused {a['add_mas_penalty fused']:.3f}x"
+              f"{' (fell back: no compiler)' if r['fused_penalty_fell_back'] else ''}   "
               f"autograd penalty {a['autograd penalty']:.3f}x")
 
 

@@ -18,7 +18,8 @@ does the same inside a fused update and is faster.) Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+import warnings
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ class MasPenalty:
 
     def __init__(self, optimizer: torch.optim.Optimizer, reg_params: RegParams,
                  reg_lambda: float, *, model: Optional[nn.Module], proximal: bool,
-                 cache_penalty: bool, foreach: Optional[bool]) -> None:
+                 cache_penalty: bool, foreach: Optional[bool], fused: bool) -> None:
         if isinstance(optimizer, LocalSgd):
             raise TypeError("LocalSgd already applies the MAS penalty: give it reg_params "
                             "instead of adding a second penalty")
@@ -55,6 +56,8 @@ class MasPenalty:
         self.proximal = proximal
         self.cache_penalty = cache_penalty
         self.foreach = foreach
+        self.fused = bool(fused)
+        self._fused_kernel: Any = None
         self.reg_lambda = as_reg_lambda(reg_lambda)
         self._by_id: Dict[int, str] = {}
         self._cache: Dict[Tensor, _Terms] = {}
@@ -131,6 +134,8 @@ class MasPenalty:
             sign = -1.0 if group.get("maximize", False) else 1.0
             grads = [local(p.grad) for p in params]
             ps = [local(p) for p in params]
+            if self.fused and self._fused_add(grads, ps, terms, sign * coef):
+                continue
             foreach = self.foreach
             if foreach is None:
                 foreach = all(g.device.type == "cuda" for g in grads)
@@ -150,6 +155,28 @@ class MasPenalty:
                 else:
                     for g_, p_, o_, i_ in _slices(g, p, local(t.omega), local(t.init)):
                         g_.addcmul_(o_, torch.sub(p_, i_), value=sign * coef)
+
+    def _fused_add(self, grads: List[Tensor], ps: List[Tensor], terms: List[_Terms],
+                   coef: float) -> bool:
+        """g += coef·Ω(θ − θ*) in one compiled pass per parameter; False if it can't be built
+        (then the caller takes the unfused path, after one warning)."""
+        if self._fused_kernel is None:
+            self._fused_kernel = torch.compile(_fused_penalty_body, dynamic=True,
+                                               fullgraph=True)
+        if self._fused_kernel is False:
+            return False
+        try:
+            self._fused_kernel(grads, ps, [local(t.omega) for t in terms],
+                               [local(t.init) for t in terms],
+                               torch.tensor(coef, dtype=ps[0].dtype, device=ps[0].device))
+            return True
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back
+            self._fused_kernel = False
+            warnings.warn(
+                "add_mas_penalty(fused=True): torch.compile could not build the fused penalty "
+                f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); using the "
+                "unfused one", RuntimeWarning, stacklevel=4)
+            return False
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -184,6 +211,7 @@ def add_mas_penalty(
     proximal: bool = False,
     cache_penalty: bool = False,
     foreach: Optional[bool] = None,
+    fused: bool = False,
 ) -> MasPenalty:
     r"""Attach the MAS penalty λ Σ Ω (θ − θ*)² (paper Eq. 3) to any torch optimizer.
 
@@ -212,9 +240,19 @@ def add_mas_penalty(
         foreach: add the penalty with torch's multi-tensor kernels (default: on CUDA, as torch's
             optimizers choose); otherwise one parameter at a time, in cache-sized slices on
             the CPU.
+        fused: add the penalty in one ``torch.compile``'d pass per parameter (reads g, θ, Ω,
+            θ* once, no temporary); compiled at the first step, and where that fails (no C++
+            compiler, say) one warning and the unfused path.
 
     Returns:
         a :class:`MasPenalty`; ``.remove()`` detaches it, ``.penalty()`` gives its value.
     """
     return MasPenalty(optimizer, reg_params, reg_lambda, model=model, proximal=proximal,
-                      cache_penalty=cache_penalty, foreach=foreach)
+                      cache_penalty=cache_penalty, foreach=foreach, fused=fused)
+
+
+def _fused_penalty_body(grads: List[Tensor], params: List[Tensor], omegas: List[Tensor],
+                        inits: List[Tensor], coef: Tensor) -> None:
+    # One pass per parameter once compiled; coef is a 0-dim tensor so a new λ does not recompile.
+    for i in range(len(grads)):
+        grads[i].copy_(grads[i] + coef * omegas[i] * (params[i] - inits[i]))

@@ -2,6 +2,7 @@
 autograd."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -234,3 +235,50 @@ def test_penalty_value():
     reg = random_reg_params(model, skip=("2.bias",))
     mas = add_mas_penalty(torch.optim.Adam(model.named_parameters()), reg, reg_lambda=0.25)
     torch.testing.assert_close(mas.penalty(), autograd_penalty(model, reg, 0.25).detach())
+
+
+def test_fused_penalty_traces_as_one_graph_and_equals_the_penalised_loss(monkeypatch):
+    """fullgraph=True: the penalty is captured whole. aot_eager runs that graph without
+    generating C++, which keeps this test fast; benchmarks/bench_step.py builds it for real."""
+    real_compile = torch.compile
+
+    def aot_eager(fn, **kwargs):
+        return real_compile(fn, **dict(kwargs, backend="aot_eager"))
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    lam = 0.7
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    opt = torch.optim.AdamW(ours.named_parameters(), lr=0.01)
+    mas = add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+        for x, y in batches(4):
+            step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+            step(ours, opt, x, y)
+    assert mas._fused_kernel not in (None, False)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_fused_penalty_falls_back_with_one_warning(monkeypatch):
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("Compiler: g++ not found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    lam = 0.7
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01)
+    opt = torch.optim.Adam(ours.named_parameters(), lr=0.01)
+    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, fused=True)
+    with pytest.warns(RuntimeWarning, match="could not build the fused penalty.*g\\+\\+") as rec:
+        for x, y in batches(3):
+            step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+            step(ours, opt, x, y)
+    assert len(rec) == 1
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
