@@ -273,8 +273,8 @@ def test_sparse_gradients_are_refused():
 
 
 def test_zero_omega_equals_plain_sgd():
-    """Ω = 0 is how every first task starts: it must not perturb the SGD result (beyond the
-    rounding of b = g + μb against torch's b = μb + g)."""
+    """Ω = 0 is how every first task starts: it must not perturb the SGD result (beyond
+    rounding: LocalSgd forms g + μb in one op, torch rounds μb before adding g)."""
     for hp in (dict(lr=0.05, momentum=0.9), dict(lr=0.05)):
         ref, ours = make_mlp(), make_mlp()
         opt_ref = torch.optim.SGD(ref.parameters(), **hp)
