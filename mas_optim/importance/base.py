@@ -33,16 +33,26 @@ def chunk_size(numel_per_sample: int) -> int:
 
 def add_abs_matmul_sums(acc: Tensor, left: Tensor, right: Tensor) -> None:
     r"""acc += Σ_k |left_k right_k| for left (B, *G, O, L), right (B, *G, L, I), acc (*G, O, I):
-    the per-sample products are formed a tile of samples × output rows at a time."""
+    the per-sample products are formed a tile of samples × output rows at a time, into one
+    reused buffer (fresh memory for every tile would cost a page fault per 4 KiB written)."""
     B, O = left.shape[0], left.shape[-2]
     tile = CPU_TILE if left.device.type == "cpu" else BUDGET
     per_row = acc.numel() // O
-    rows = max(1, min(O, tile // max(per_row, 1)))
+    # a tile holds a few samples (the reduction over samples is then one vectorised sum)
+    rows = max(1, min(O, tile // max(per_row * min(B, 8), 1)))
+    step = max(1, min(B, tile // (per_row * rows)))
+    dtype = torch.promote_types(left.dtype, right.dtype)
+    buf = torch.empty(step * per_row * rows, dtype=dtype, device=left.device)
+    red = torch.empty(per_row * rows, dtype=dtype, device=left.device)
     for o in range(0, O, rows):
         a, lo = acc[..., o:o + rows, :], left[..., o:o + rows, :]
-        step = max(1, tile // a.numel())
         for s in range(0, B, step):
-            a.add_(lo[s:s + step].matmul(right[s:s + step]).abs_().sum(0, dtype=a.dtype))
+            n = min(step, B - s)
+            out = buf[:n * a.numel()].view(n, *a.shape)
+            torch.matmul(lo[s:s + n], right[s:s + n], out=out)
+            r = red[:a.numel()].view(a.shape)
+            torch.sum(out.abs_(), 0, out=r)
+            a.add_(r)
 
 
 @dataclass

@@ -57,6 +57,7 @@ class Functional:
                 self.loop_only.add(id(what))
                 culprit = stack.innermost() or what
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = first.split(". ")[0][:160]  # the reason, not torch's advice
                 warnings.warn(f"compute_omega: torch.func.vmap cannot run "
                               f"{type(culprit).__name__} ({first}); the per-sample gradients "
                               f"through {type(what).__name__} are computed one sample at a time",

@@ -193,7 +193,8 @@ class PerSampleEngine:
             if all(g is None for g in call.grads):
                 continue  # its output does not reach F: every per-sample gradient is zero
             if fast:
-                rule_for(m).apply(m, call, {attr: sums[name] for attr, name in fast.items()})
+                with torch.no_grad():
+                    rule_for(m).apply(m, call, {attr: sums[name] for attr, name in fast.items()})
             if local:
                 self._local(m, call, local, sums)
         if rest:
