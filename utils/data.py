@@ -251,11 +251,12 @@ class ImageFolderSplit(Dataset):
         return [(image, self.samples[i][1]) for image, i in zip(x, indices)]
 
 
-def _decode(path: str, size: int, channels: int) -> torch.Tensor:
-    """One image file as a (channels, size, size) uint8 tensor, resized as torchvision's
-    ``Resize((size, size))`` resizes a PIL image (bilinear, antialiased). A grayscale image
-    is repeated to three channels when ``channels`` is 3; a colour one in a 1-channel run is
-    an error (converting it would silently drop its colour)."""
+def _decode(path: str, size: int, channels: int | None) -> torch.Tensor:
+    """One image file as a (C, size, size) uint8 tensor, resized as torchvision's
+    ``Resize((size, size))`` resizes a PIL image (bilinear, antialiased). C is ``channels``:
+    a grayscale image is repeated to three when it is 3, a colour one in a 1-channel run is an
+    error (converting it would silently drop its colour); None keeps the image's own (1 for
+    grayscale, 3 for colour)."""
     from PIL import Image
 
     try:
@@ -273,19 +274,22 @@ def _decode(path: str, size: int, channels: int) -> torch.Tensor:
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
     if not grey:
         return pixels.permute(2, 0, 1).contiguous()
-    return pixels.unsqueeze(0).expand(channels, -1, -1).contiguous()
+    return pixels.unsqueeze(0).expand(channels or 1, -1, -1).contiguous()
 
 
-def _decode_all(samples: list[tuple[str, int]], size: int, channels: int) -> torch.Tensor:
-    """The images of ``samples``, (N, channels, size, size) uint8, decoded by a few threads
-    (PIL releases the GIL while it decodes and resizes; each image is independent, so the
-    result does not depend on the threads)."""
-    images = torch.empty((len(samples), channels, size, size), dtype=torch.uint8)
+def _decode_all(samples: list[tuple[str, int]], size: int, channels: int | None
+                ) -> torch.Tensor:
+    """The images of ``samples``, (N, C, size, size) uint8, decoded by a few threads (PIL
+    releases the GIL while it decodes and resizes; each image is independent, so the result
+    does not depend on the threads). C is ``channels``, or for None 3 if any image is in
+    colour (grayscale ones repeated, as ``_decode`` does for ``channels=3``), else 1."""
     threads = max(1, min(DECODE_THREADS, os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
-        decoded = pool.map(lambda sample: _decode(sample[0], size, channels), samples)
-        for i, image in enumerate(decoded):
-            images[i] = image
+        decoded = list(pool.map(lambda sample: _decode(sample[0], size, channels), samples))
+    c = channels or max((x.shape[0] for x in decoded), default=1)
+    images = torch.empty((len(decoded), c, size, size), dtype=torch.uint8)
+    for i, x in enumerate(decoded):
+        images[i] = x  # (1, S, S) broadcasts to (3, S, S)
     return images
 
 
@@ -413,6 +417,7 @@ def image_folder_tasks(data_dir: str, image_size: int, *, arch: str = "alexnet",
     splits = [samples for _, train, test in scanned for samples in (train, test)]
 
     known: Preprocessing | None = None
+    channels: int | None = None  # None: from the images (3 if any is in colour)
     if stored is not None:
         try:
             known = Preprocessing.from_dict(stored)
@@ -422,19 +427,26 @@ def image_folder_tasks(data_dir: str, image_size: int, *, arch: str = "alexnet",
             raise AppError(f"--resume: the run was started with --image_size "
                            f"{known.image_size} and --augment {known.augment}")
         channels = known.channels
-    elif arch == "alexnet" or any(_is_colour(path) for samples in splits for path, _ in samples):
+    elif arch == "alexnet":
         channels = 3
-    else:
-        channels = 1
 
-    need_mb = sum(map(len, splits)) * channels * image_size ** 2 / 2 ** 20
-    cached = 0 < need_mb <= cache_mb
-    if cache_mb > 0 and not cached:
-        log(f"note: the decoded images need {need_mb:.0f} MB, more than --cache_mb {cache_mb:g}: "
-            "every image is decoded again on every access (slower; raise --cache_mb to keep "
-            "them in memory)")
-    images = [_decode_all(samples, image_size, channels) if cached else None
-              for samples in splits]
+    def megabytes(c: int) -> float:
+        return sum(map(len, splits)) * c * image_size ** 2 / 2 ** 20
+
+    images: list[torch.Tensor | None] = [None] * len(splits)
+    if 0 < megabytes(channels or 1) <= cache_mb:
+        # decoding everything also tells the channels, without a separate pass over the files
+        decoded = [_decode_all(samples, image_size, channels) for samples in splits]
+        channels = channels or max(x.shape[1] for x in decoded)
+        if megabytes(channels) <= cache_mb:
+            images = [x.expand(-1, channels, -1, -1).contiguous() for x in decoded]
+        del decoded
+    if cache_mb > 0 and images[0] is None:
+        log(f"note: the decoded images need {megabytes(channels or 1):.0f} MB, more than "
+            f"--cache_mb {cache_mb:g}: every image is decoded again on every access (slower; "
+            "raise --cache_mb to keep them in memory)")
+    if channels is None:
+        channels = 3 if any(_is_colour(path) for samples in splits for path, _ in samples) else 1
 
     if known is None:
         if arch == "alexnet":
