@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as _torch_sgd
 
-from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, local
+from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, is_sharded, local
 from .reg_params import RegParams
 
 # On the CPU, regularised parameters of more than _SLICE_ABOVE elements are updated in slices of
@@ -352,7 +352,9 @@ class LocalSgd(torch.optim.SGD):
         if total is None:
             first = next((p for g in self.param_groups for p in g["params"]), torch.zeros(()))
             return torch.zeros((), device=first.device, dtype=first.dtype)
-        return total
+        # Sharded parameters give this rank's partial sum: the total is a collective (every
+        # rank calls penalty(), as every rank steps).
+        return total.full_tensor() if is_sharded(total) else total
 
     @torch.no_grad()
     def path_integral_omega(self, xi: float = 0.1) -> Dict[str, Tensor]:

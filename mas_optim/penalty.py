@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, local
+from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, is_sharded, local
 from .local_sgd import LocalSgd, _proximal_, _slices, _Terms
 from .reg_params import RegParams
 
@@ -199,7 +199,9 @@ class MasPenalty:
                 if entry is not None:
                     term = (entry["omega"] * (p - entry["init_val"]).square()).sum() * lam
                     total = total.to(term.device) + term
-        return total
+        # Sharded parameters give this rank's partial sum: the total is a collective (every
+        # rank calls penalty(), as every rank steps).
+        return total.full_tensor() if is_sharded(total) else total
 
 
 def add_mas_penalty(

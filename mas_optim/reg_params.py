@@ -162,9 +162,20 @@ def save_reg_params(reg_params: RegParams, path: PathLike, *,
         from .sharded import full_reg_params
 
         full = full_reg_params(reg_params)
+        # Rank 0 writes and tells every rank how it went: a failed write is then an error on
+        # every rank, not rank 0's error and a hang of the others in a barrier.
+        error = None
         if torch.distributed.get_rank() == 0:
-            save_reg_params(full, path, before_replace=before_replace)
-        torch.distributed.barrier()
+            try:
+                save_reg_params(full, path, before_replace=before_replace)
+            except Exception as e:
+                error = e
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        if error is not None:
+            raise error
+        if outcome[0] is not None:
+            raise OSError(f"{os.fspath(path)}: rank 0 could not write it ({outcome[0]})")
         return
     payload = {
         "format": FORMAT_NAME,

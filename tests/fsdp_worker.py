@@ -183,6 +183,7 @@ def run(rank: int, world: int, out: str) -> None:
         F.cross_entropy(model(x[half]), y[half]).backward()
         opt.step()
     weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+    report["penalty"] = float(opt.penalty())
     others = {kind: train_with(kind, shard(make_model(), world), rank) for kind in OPTIMIZERS}
     omega = mas_optim.compute_omega(model, omega_batches(rank, world))
     mas_optim.consolidate_reg_params(reg, model, omega)
@@ -205,6 +206,10 @@ def run(rank: int, world: int, out: str) -> None:
     for name in HOSTILE:
         report[name] = error_of(
             lambda: mas_optim.load_reg_params(os.path.join(out, name), model=model))
+
+    # A write that fails on rank 0 is an error on every rank (not a hang in a barrier).
+    blocked = os.path.join(out, "one_process.pickle", "reg_params.pickle")  # under a file
+    report["failed_save_error"] = error_of(lambda: mas_optim.save_reg_params(reg, blocked))
 
     # Refused with a message: a full tensor of the wrong shape; a DTensor fully_shard does not
     # manage (its Ω would need collectives inside the pass).

@@ -104,9 +104,10 @@ def one_process_training():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+    penalty = float(opt.penalty())
     omega = mas_optim.compute_omega(model, omega_batches(0, 1))
     mas_optim.consolidate_reg_params(reg, model, omega)
-    return model, reg
+    return model, reg, penalty
 
 
 @pytest.mark.parametrize("label", list(OMEGA_KWARGS))
@@ -142,7 +143,7 @@ def test_omega_with_a_rank_without_data_equals_one_process(ranks):
 
 def test_local_sgd_with_penalty_on_sharded_model_matches_one_process(ranks):
     out, _ = ranks
-    model, _ = one_process_training()
+    model, _, _ = one_process_training()
     got = torch.load(out / "weights.pt")
     start = dict(make_model().named_parameters())
     for n, p in model.named_parameters():
@@ -163,7 +164,7 @@ def test_penalised_optimizer_on_sharded_model_matches_one_process(ranks, kind):
 
 def test_omega_and_anchor_after_sharded_task_match_one_process(ranks):
     out, _ = ranks
-    _, want = one_process_training()
+    _, want, _ = one_process_training()
     got = torch.load(out / "full_reg.pt")
     for n in want:
         for k in ("omega", "init_val"):
@@ -231,3 +232,16 @@ def test_omega_of_dtensor_parameter_not_from_fully_shard_is_refused(ranks):
     for report in ranks[1]:
         kind, text = report["unmanaged_error"]
         assert kind == "ValueError" and "'7.weight'" in text and "fully_shard" in text, text
+
+
+def test_penalty_of_sharded_model_is_the_total_over_ranks(ranks):
+    want = one_process_training()[2]
+    for report in ranks[1]:
+        assert abs(report["penalty"] - want) <= 1e-5 * want, (report["penalty"], want)
+
+
+def test_failed_write_of_sharded_reg_params_is_an_error_on_every_rank(ranks):
+    for report in ranks[1]:
+        kind, text = report["failed_save_error"]
+        assert kind in ("NotADirectoryError", "FileExistsError", "OSError"), report
+        assert "one_process.pickle" in text, text
