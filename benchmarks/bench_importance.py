@@ -8,15 +8,17 @@ and the original code's backward + OmegaSgd.step).
 Peak memory: each pass runs in a fresh subprocess and reports the growth of its peak resident set
 (``resource.getrusage(...).ru_maxrss`` after the pass minus before it; no psutil needed).
 
-CPU, one thread, medians of paired repeats. Run:  python benchmarks/bench_importance.py [--quick]
+CPU time of this process (time.process_time), one thread, medians of paired repeats. Run:  python benchmarks/bench_importance.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
+import time
 from typing import Callable, Dict, Optional
 
 import torch
@@ -24,10 +26,28 @@ from torch import nn
 
 import mas_optim
 
-try:
-    from benchmarks._timing import paired
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from _timing import paired
+CLOCK = time.process_time  # this process's CPU time: other work on the machine inflates it less
+
+
+def paired(fns: Dict[str, Callable[[], None]], repeats: int, inner: int) -> Dict[str, float]:
+    """Median over repeats of each fn's CPU time relative to the first one ('baseline'),
+    alternating the order; as benchmarks/_timing.paired, with CLOCK."""
+    names = list(fns)
+    ratios: Dict[str, list] = {n: [] for n in names[1:]}
+    base = []
+    for r in range(repeats):
+        t = {}
+        for n in (names if r % 2 == 0 else names[::-1]):
+            start = CLOCK()
+            for _ in range(inner):
+                fns[n]()
+            t[n] = (CLOCK() - start) / inner
+        base.append(t[names[0]])
+        for n in names[1:]:
+            ratios[n].append(t[n] / t[names[0]])
+    out = {n: statistics.median(v) for n, v in ratios.items()}
+    out["baseline_ms"] = statistics.median(base) * 1e3
+    return out
 
 CHUNK = 8          # samples per torch.func.vmap call in the baseline
 SAMPLES, BATCH = 64, 32

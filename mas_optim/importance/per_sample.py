@@ -173,6 +173,8 @@ class PerSampleEngine:
     def __init__(self, model: nn.Module, params: Dict[str, Tensor], forward: Forward) -> None:
         self.model, self.params, self.forward = model, params, forward
         self.ids = {id(p): n for n, p in params.items()}
+        self.holders = {m for m in model.modules()
+                        if any(id(p) in self.ids for p in m.parameters())}
         self.functional = Functional()
 
     def accumulate(self, batch: Any, n: int, sums: Dict[str, Tensor]) -> None:
@@ -217,6 +219,8 @@ class PerSampleEngine:
                 return {}
         proven = {}
         for m, calls in rec.calls.items():
+            if m not in self.holders:
+                continue  # no parameter of ours inside: never an owner
             small = probe.calls.get(m, [])
             if len(calls) != 1 or len(small) != 1:
                 continue

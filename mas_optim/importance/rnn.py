@@ -10,7 +10,8 @@ with ``proj_size``: :math:`h_t = W_{hr} r_t`). Sample k's gradients are therefor
 those maps' outputs. The fused kernel does not expose them, so the recurrence is run again from
 the layer's recorded input and initial state with the same equations as torch (gates
 i, f, g, o for the LSTM; r, z, n for the GRU, with r acting on W_hn h + b_hn), and one backward
-from the recorded output gradients gives every :math:`\tilde g`; the per-sample sums are then
+from the recorded output gradients gives every :math:`\tilde g` (for the LSTM and the plain RNN
+the two maps are added, so :math:`\tilde g^{h}_t = \tilde g^{x}_t`); the per-sample sums are then
 the :mod:`~mas_optim.importance.linear` rule over the time steps.
 """
 
@@ -38,28 +39,30 @@ def _check(m: nn.RNNBase, call: Call) -> bool:
             and call.out_dims == [call.in_dims[0]] + [1] * (n_out - 1))
 
 
-def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]
-          ) -> Tuple[Tensor, Optional[Tensor]]:
-    """One step, as torch's kernels compute it; returns (h_t before projection, c_t)."""
-    if mode == "LSTM":
-        i, f, g, o = (gi + gh).chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+def _cell(mode: str, gi: Tensor, gh: Optional[Tensor], h: Tensor, c: Optional[Tensor],
+          w_hh: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """One step, as torch's kernels compute it; returns (h_t before projection, c_t). For the
+    GRU ``gh`` is W_hh h + b_hh; otherwise ``gi`` already holds both biases and ``gh`` is None."""
     if mode == "GRU":
         ir, iz, inn = gi.chunk(3, 1)
         hr, hz, hn = gh.chunk(3, 1)
         r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
         n = torch.tanh(inn + r * hn)
         return (1 - z) * n + z * h, None
-    pre = gi + gh
-    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+    gates = torch.addmm(gi, h, w_hh.t())
+    if mode == "LSTM":
+        H = c.shape[1]
+        i, f, _, o = torch.sigmoid(gates).chunk(4, 1)
+        c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * H:3 * H]))
+        return o * torch.tanh(c), c
+    return (torch.tanh(gates) if mode == "RNN_TANH" else torch.relu(gates)), None
 
 
 def _apply(m: nn.RNNBase, call: Call, acc: Dict[str, Tensor]) -> None:
     x = call.args[0].detach()
     x = x if m.batch_first else x.transpose(0, 1)              # (B, T, in)
     B, T = x.shape[:2]
-    lstm = m.mode == "LSTM"
+    lstm, gru = m.mode == "LSTM", m.mode == "GRU"
     D, L = 2 if m.bidirectional else 1, m.num_layers
     H, P = m.hidden_size, (m.proj_size or m.hidden_size) if lstm else m.hidden_size
     hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
@@ -68,11 +71,10 @@ def _apply(m: nn.RNNBase, call: Call, acc: Dict[str, Tensor]) -> None:
         c0 = x.new_zeros(L * D, B, H) if lstm else None
     else:
         h0, c0 = (hx[0].detach(), hx[1].detach()) if lstm else (hx.detach(), None)
-    w = {n: getattr(m, n).detach() for n in acc}
-    weight = lambda n: w[n] if n in w else getattr(m, n).detach()  # noqa: E731
+    weight = lambda n: getattr(m, n).detach()  # noqa: E731
 
     with torch.enable_grad():
-        records = []   # (suffix, layer input, [gi], [h_prev], [gh], [r], [h_proj])
+        records = []
         h_n, c_n = [], []
         layer_in = x
         for layer in range(L):
@@ -81,26 +83,30 @@ def _apply(m: nn.RNNBase, call: Call, acc: Dict[str, Tensor]) -> None:
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
                 b_ih = weight("bias_ih" + sfx) if m.bias else None
                 b_hh = weight("bias_hh" + sfx) if m.bias else None
-                inp = layer_in
-                gi_all = torch.nn.functional.linear(inp, weight("weight_ih" + sfx), b_ih)
+                w_hh = weight("weight_hh" + sfx)
+                gi_all = torch.nn.functional.linear(layer_in, weight("weight_ih" + sfx), b_ih)
+                if b_hh is not None and not gru:  # LSTM/RNN add the two maps: ∂/∂x̃ = ∂/∂h̃
+                    gi_all = gi_all + b_hh
                 if not gi_all.requires_grad:  # the first layer: a leaf, its gradient is needed
                     gi_all.requires_grad_(True)
+                gi_steps = gi_all.unbind(1)  # one backward node for all steps, not one per step
                 h, c = h0[layer * D + d], (c0[layer * D + d] if lstm else None)
-                steps = range(T - 1, -1, -1) if d else range(T)
-                h_prev, ghs, rs, hps, ys = [], [], [], [], [None] * T
-                for t in steps:
-                    h_prev.append(h)
-                    gh = torch.nn.functional.linear(h, weight("weight_hh" + sfx), b_hh)
-                    if not gh.requires_grad:  # the first step, from the given initial state
-                        gh.requires_grad_(True)
-                    ghs.append(gh)
-                    r, c = _cell(m.mode, gi_all[:, t], gh, h, c)
+                h_prev, ghs, rs, hps, ys = ([None] * T for _ in range(5))
+                for t in (range(T - 1, -1, -1) if d else range(T)):
+                    h_prev[t] = h
+                    gh = None
+                    if gru:
+                        gh = torch.nn.functional.linear(h, w_hh, b_hh)
+                        if not gh.requires_grad:  # the first step, from the given initial state
+                            gh.requires_grad_(True)
+                        ghs[t] = gh
+                    r, c = _cell(m.mode, gi_steps[t], gh, h, c, w_hh)
                     if lstm and m.proj_size:
-                        rs.append(r)
-                        r = torch.nn.functional.linear(r, weight("weight_hr" + sfx))
-                        hps.append(r)
+                        rs[t] = r
+                        r = hps[t] = torch.nn.functional.linear(r, weight("weight_hr" + sfx))
                     h = ys[t] = r
-                records.append((sfx, inp, gi_all, h_prev, ghs, rs, hps, d))
+                records.append((sfx, layer_in, gi_all, h_prev, ghs if gru else [],
+                                rs if m.proj_size else [], hps if m.proj_size else []))
                 h_n.append(h)
                 if lstm:
                     c_n.append(c)
@@ -110,15 +116,15 @@ def _apply(m: nn.RNNBase, call: Call, acc: Dict[str, Tensor]) -> None:
         produced = [y, torch.stack(h_n)] + ([torch.stack(c_n)] if lstm else [])
         pairs = [(o, g) for o, g in zip(produced, call.grads) if g is not None]
         wrt: List[Tensor] = []
-        for _, _, gi_all, _, ghs, _, hps, _ in records:
+        for _, _, gi_all, _, ghs, _, hps in records:
             wrt += [gi_all, *ghs, *hps]
         grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                     allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
     pos = 0
-    for sfx, inp, gi_all, h_prev, ghs, rs, hps, d in records:
+    for sfx, inp, gi_all, h_prev, ghs, rs, hps in records:
         g_gi = grads[pos]
-        g_gh = torch.stack(grads[pos + 1:pos + 1 + len(ghs)], 1)       # (B, T, G·H), step order
+        g_gh = torch.stack(grads[pos + 1:pos + 1 + len(ghs)], 1) if ghs else g_gi
         g_hp = grads[pos + 1 + len(ghs):pos + 1 + len(ghs) + len(hps)]
         pos += 1 + len(ghs) + len(hps)
         add_outer_sums(inp.detach(), g_gi, acc.get("weight_ih" + sfx), acc.get("bias_ih" + sfx))
