@@ -6,7 +6,7 @@ and small CNN, against the batch-size-1 loops Eq. 2 otherwise needs (autograd.gr
 and the original code's backward + OmegaSgd.step).
 
 Peak memory: each pass runs in a fresh subprocess and reports the growth of its peak resident set
-(``resource.getrusage(...).ru_maxrss`` after the pass minus before it; no psutil needed).
+during the pass (VmHWM from /proc/self/status after the pass minus before it; no psutil needed).
 
 CPU time of this process (time.process_time), one thread, medians of paired repeats. Run:  python benchmarks/bench_importance.py [--quick]
 """
@@ -178,17 +178,31 @@ def _peak_child(label: str, which: str) -> None:
     torch.manual_seed(0)
     model, xs = MODELS[label]()
     loader = _loader(xs, 64)
-    run = {"ours": lambda: mas_optim.compute_omega(model, loader),
-           "vmap": lambda: vmap_omega(model, loader)}[which]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run = {"batch": lambda: mas_optim.compute_omega(model, loader, per_sample=False),
+           "ours": lambda: mas_optim.compute_omega(model, loader),
+           "vmap": lambda: vmap_omega(model, loader),
+           "vmap1": lambda: vmap_omega(model, loader, chunk=1)}[which]
+    before = _peak_rss_kib()
     run()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"kib": after - before}))
+    print(json.dumps({"kib": _peak_rss_kib() - before}))
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak resident set: VmHWM (Linux; reset by exec, unlike ru_maxrss, which a
+    child inherits from the parent that forked it), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def peak_memory(label: str) -> Dict[str, float]:
     out = {}
-    for which in ("ours", "vmap"):
+    for which in ("batch", "ours", "vmap", "vmap1"):
         res = subprocess.run([sys.executable, __file__, "--peak", label, which],
                              capture_output=True, text=True, check=True)
         out[which] = json.loads(res.stdout.strip().splitlines()[-1])["kib"] / 1024
@@ -241,8 +255,9 @@ def main(repeats: int, quick: bool = False) -> None:
         print(bench_model(label, max(1, repeats // 5) if quick else max(3, repeats // 3)),
               flush=True)
     mem = peak_memory("resnet18 32x32")
-    print(f"\nPeak memory growth, resnet18 32x32, one batch of 64: exact (ours) "
-          f"{mem['ours']:.0f} MiB, vmap in chunks of {CHUNK} {mem['vmap']:.0f} MiB")
+    print(f"\nPeak memory growth, resnet18 32x32, one batch of 64: batch formula "
+          f"{mem['batch']:.0f} MiB, exact (ours) {mem['ours']:.0f} MiB, vmap in chunks of "
+          f"{CHUNK} {mem['vmap']:.0f} MiB, vmap one sample at a time {mem['vmap1']:.0f} MiB")
 
 
 if __name__ == "__main__":
