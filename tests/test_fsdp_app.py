@@ -20,7 +20,7 @@ import torch.distributed as dist
 import mas_optim
 from fsdp_app_worker import (PENALTY_STEPS, STEPS, make_optimizer, make_task_model,
                              old_head, start_reg_params, eval_batches, train_steps)
-from utils.fsdp import full_optimizer_state, full_state
+from utils.fsdp import full_optimizer_state, full_state, shard_optimizer_state_like
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch built without gloo")
@@ -184,3 +184,10 @@ def test_full_state_of_plain_tensors_is_a_copy():
     t = torch.ones(3)
     full_state({"a": t})["a"].add_(1)
     assert torch.equal(t, torch.ones(3))
+
+
+@pytest.mark.parametrize("state_dict", [None, {"param_groups": []}, {"state": [1]}])
+def test_what_is_not_an_optimizer_state_dict_is_refused(state_dict):
+    _, opt, _ = one_process("gradient")
+    with pytest.raises(ValueError, match="not an optimizer state dict"):
+        shard_optimizer_state_like(state_dict, opt)

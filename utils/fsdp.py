@@ -118,9 +118,12 @@ def shard_optimizer_state_like(state_dict: Mapping[str, Any],
     read the same checkpoint). Entries of plain parameters are unchanged.
 
     Raises:
-        ValueError: a state tensor of a sharded parameter does not have the parameter's (global)
-            shape (the state dict belongs to another model).
+        ValueError: ``state_dict`` is not an optimizer state dict, or a state tensor of a sharded
+            parameter does not have the parameter's (global) shape (the state dict belongs to
+            another model).
     """
+    if not (isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping)):
+        raise ValueError("not an optimizer state dict (it has no 'state' mapping)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     names = [n for group in optimizer.param_groups
              for n in group.get("param_names", [None] * len(group["params"]))]
@@ -130,6 +133,9 @@ def shard_optimizer_state_like(state_dict: Mapping[str, Any],
         if not isinstance(p, DTensor):
             state[index] = entry
             continue
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"optimizer state of parameter {names[index] or index!r} is a "
+                             f"{type(entry).__name__}, not a mapping")
         sliced = {}
         for key, v in entry.items():
             if isinstance(v, Tensor) and not isinstance(v, DTensor):
