@@ -239,7 +239,7 @@ def bench_small(repeats: int) -> None:
                "batch-size-1 loop": batch_size_one_loop, "OmegaSgd loop": omega_sgd_loop}
         for f in fns.values():
             f()
-        r = paired(fns, max(3, repeats // 3), 1)
+        r = paired(fns, repeats, 1)
         loop, original = r["batch-size-1 loop"], r["OmegaSgd loop"]
         print(f"  {label}: batch formula {r['baseline_ms']:.1f} ms; per-sample "
               f"{r['per-sample']:.2f}x; batch-size-1 loops: autograd.grad {loop:.2f}x, "
@@ -248,12 +248,15 @@ def bench_small(repeats: int) -> None:
 
 
 def main(repeats: int, quick: bool = False) -> None:
-    bench_small(repeats)
+    bench_small(1 if quick else max(3, repeats // 3))
     print(f"\nImportance pass, {SAMPLES} samples, batch {BATCH}: time / time(batch formula); "
           f"vmap = torch.func vmap(grad) in chunks of {CHUNK}")
     for label in MODELS:
         print(bench_model(label, max(1, repeats // 5) if quick else max(3, repeats // 3)),
               flush=True)
+    if quick:
+        print("\n(peak memory: left out with --quick)")
+        return
     mem = peak_memory("resnet18 32x32")
     print(f"\nPeak memory growth, resnet18 32x32, one batch of 64: batch formula "
           f"{mem['batch']:.0f} MiB, exact (ours) {mem['ours']:.0f} MiB, vmap in chunks of "
