@@ -18,7 +18,7 @@ application adds, here:
 * :func:`even_batches`: evaluation batches padded so that every rank runs as many forwards
   (each forward of a sharded model all-gathers, a collective);
 * :func:`penalty`, :func:`all_finite`: the logged penalty and the divergence checks over all
-  ranks' slices, the same verdict on every rank.
+  ranks' slices (the same value and verdict on every rank).
 
 Restoring a model is done before sharding: build it, ``load_part`` the full tensors of the
 checkpoint (every rank has read the same file), then :func:`shard_task_model`, which keeps each
@@ -152,7 +152,7 @@ def shard_optimizer_state_like(state_dict: Mapping[str, Any],
     return {**state_dict, "state": state}
 
 
-def penalty(optimizer: "mas_optim.LocalSgd") -> float:
+def penalty(optimizer: mas_optim.LocalSgd) -> float:
     """``optimizer.penalty()`` (λ Σ Ω (θ − θ*)², Eq. 3) over the whole model: on a sharded model
     the sum over every rank's slices (``float()`` of the ``DTensor`` that ``LocalSgd.penalty``
     returns there would give this rank's part only). Collective on a sharded model."""
@@ -164,8 +164,10 @@ def penalty(optimizer: "mas_optim.LocalSgd") -> float:
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every element of every tensor is finite, over all ranks' slices of sharded tensors
-    (a parameter, Ω), so that every rank reaches the same verdict and a divergence is reported
-    by all of them at once. Collective when any tensor is a ``DTensor``."""
+    (parameters, Ω): the same verdict on every rank, so a divergence stops all of them at once.
+    Each rank checks its slices, then one all-reduce for all tensors (``torch.isfinite(p).all()``
+    of a ``DTensor`` is reduced over the ranks too, but with one collective per tensor).
+    Collective when any tensor is a ``DTensor``."""
     ok, sharded = True, False
     for t in tensors:
         sharded = sharded or isinstance(t, DTensor)
