@@ -467,3 +467,17 @@ def test_a_module_vmap_cannot_run_is_looped_over_with_one_warning():
     assert len([w for w in record if "compute_omega" in str(w.message)]) == 1
     assert "\n" not in str(record[0].message)
     assert_close(got, reference_omega(model, xs))
+
+
+def test_local_mas_global_omega_reaches_a_layer_whose_output_is_rewritten_in_place():
+    """BatchNorm between a Hebbian conv and ReLU(inplace=True): nothing below it is
+    differentiated for l-MAS, and its output tensor is overwritten, yet it gets Eq. 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    xs = torch.randn(6, 3, 6, 6)
+    warm_up_batchnorm(model, xs)
+    got = compute_omega(model, loader(xs, 3), method="local")
+    want = reference_omega(model, xs)
+    assert_close({n: got[n] for n in ("1.weight", "1.bias")},
+                 {n: want[n] for n in ("1.weight", "1.bias")})

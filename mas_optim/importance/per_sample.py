@@ -274,9 +274,7 @@ class PerSampleEngine:
     def _backward(self, loss: Tensor, plan: dict, rec: _Recorder, rest: List[str]) -> None:
         targets: List[Tensor] = []
         slots: List[Tuple[Optional[Call], int]] = []
-        for m, (call, _, _) in plan.items():
-            inputs_need_grad = any(isinstance(t, Tensor) and t.requires_grad
-                                   for t in call.in_leaves)
+        for m, (call, fast, local) in plan.items():
             mutated = False
             for i, t in enumerate(call.out_leaves):
                 if isinstance(t, Tensor) and t.requires_grad:
@@ -285,9 +283,11 @@ class PerSampleEngine:
                         slots.append((call, i))
                     else:
                         mutated = True  # its tensor hook captures the gradient on the way
-            if mutated and not inputs_need_grad:
-                # make the backward pass through this module: ask for one of its parameters
-                p = next(q for q in m.parameters() if q.requires_grad)
+            if mutated:
+                # make sure the backward passes through this module (nothing below it may need a
+                # gradient): ask for the smallest parameter it uses
+                p = min((self.params[n] for n in (*fast.values(), *local.values())),
+                        key=lambda q: q.numel())
                 targets.append(p)
                 slots.append((None, 0))
         for name in self.unseen:  # used by an operation the mode did not see? then check
