@@ -24,11 +24,13 @@ import contextlib
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from utils import AppError
-from utils.checkpoint import CHECKPOINT, PLOT, RESULTS, SHARED, CrashTest, RunDir, RunState
+from utils.checkpoint import (CHECKPOINT, PLOT, REG_PARAMS, RESULTS, SHARED, CrashTest, RunDir,
+                              RunState)
 from utils.config import FOLDERS, Config, build_parser
 from utils.data import Task, image_folder_tasks, permuted_digits, split_digits, split_mnist
 from utils.distributed import Dist, is_everywhere
@@ -38,7 +40,9 @@ from utils.trainer import Trainer, log
 
 def load_tasks(config: Config) -> list[Task]:
     if config.benchmark == FOLDERS:
-        return image_folder_tasks(config.data_dir, config.image_size)
+        return image_folder_tasks(config.data_dir, config.image_size, arch=config.arch,
+                                  augment=config.augment, stored=config.preprocessing,
+                                  cache_mb=config.cache_mb, log=log)
     if config.benchmark == "split-mnist":
         return split_mnist(config.mnist_root)
     return split_digits() if config.benchmark == "split-digits" else permuted_digits()
@@ -67,6 +71,8 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
                               or [t.classes for t in tasks] != state.classes):
         raise AppError(f"--resume: the tasks found now differ from those of the run in "
                        f"{run_dir.root} ({', '.join(map(str, state.tasks))})")
+    if state is None and tasks[0].preprocessing is not None:  # a resume keeps the stored one
+        config = replace(config, preprocessing=tasks[0].preprocessing.to_dict())
     trainer = Trainer(config, tasks, run_dir, device, dist)
     return trainer, state or trainer.new_state(), state is not None
 
@@ -89,6 +95,10 @@ def run(given: dict[str, Any], dist: Dist) -> int:
             run_dir.save_checkpoint(state)
         elif dist.is_main:
             run_dir.remove_stale_temp_files()
+    finished = resumed and state.task == len(trainer.tasks)
+    if not finished:
+        log("settings: " + ", ".join(f"{k} {v}" for k, v in trainer.config.to_dict().items()
+                                     if v is not None))
     batch_size = trainer.config.batch_size
     if dist.active and batch_size % dist.world:
         per_rank = math.ceil(batch_size / dist.world)
@@ -96,7 +106,14 @@ def run(given: dict[str, Any], dist: Dist) -> int:
             f"process, {per_rank * dist.world} per step")
     doc = trainer.run(state, resumed=resumed)
     print(report(doc))
-    print(f"Saved in {run_dir.root}/: {SHARED}, reg_params.pickle, Task_k/, {RESULTS}, {PLOT}")
+    if not finished:
+        print(f"Saved in {run_dir.root}/: {SHARED}, {REG_PARAMS}, Task_k/, {RESULTS}, {PLOT}")
+    elif run_dir.written:  # a kill during the last task's public files: completed now
+        print(f"The run in {run_dir.root}/ was already finished; completed its files from "
+              f"{CHECKPOINT}: {', '.join(run_dir.written)}")
+    else:
+        print(f"The run in {run_dir.root}/ was already finished: nothing to resume, nothing "
+              "written (the report above is its results.json)")
     return 0
 
 

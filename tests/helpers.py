@@ -50,18 +50,20 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def make_image_tasks(root: Path, n_tasks: int = 2, classes: tuple[str, ...] = ("a", "b"),
-                     per_class: int = 3, size: int = 12) -> Path:
-    """``root/task_k/{train,test}/<class>/<i>.png`` with class-dependent colours."""
+                     per_class: int = 3, size: int = 12, gray: bool = False) -> Path:
+    """``root/task_k/{train,test}/<class>/<i>.png`` with class-dependent brightness; RGB
+    images, or grayscale ones (PIL mode "L") with ``gray``."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    shape = (size, size) if gray else (size, size, 3)
     for t in range(n_tasks):
         for split in ("train", "test"):
             for c, name in enumerate(classes):
                 folder = root / f"task_{t}" / split / name
                 folder.mkdir(parents=True)
                 for i in range(per_class):
-                    pixels = rng.integers(0, 60, (size, size, 3)) + 150 * ((c + t) % 2)
+                    pixels = rng.integers(0, 60, shape) + 150 * ((c + t) % 2)
                     Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root
 

@@ -1,4 +1,4 @@
-"""train.py under torchrun: 2 gloo processes on loopback (issue 4).
+"""train.py under torchrun: 2 gloo processes on loopback.
 
 Every run is ``python -m torch.distributed.run --standalone --nproc_per_node 2 train.py ...`` in
 a subprocess with a timeout. torchrun starts its workers in sessions of their own, so on a
@@ -129,8 +129,9 @@ def test_torchrun_trains_like_one_process_and_writes_the_tree_once(runs):
     assert set(reg_params) == set(shared)
     assert all(float(entry["omega"].sum()) > 0 for entry in reg_params.values())
     # the sharded evaluation (counts summed over ranks) is the full test set's accuracy
-    model = model_class.TaskModel(model_class.build_shared("mlp", (1, 8, 8), 64)[0],
-                                  model_class.new_head(64, 2, 0))
+    width = dist_doc["config"]["hidden"]
+    model = model_class.TaskModel(model_class.build_shared("mlp", (1, 8, 8), width)[0],
+                                  model_class.new_head(width, 2, 0))
     model.load_state_dict({**shared, **torch.load(out / "Task_1" / "head.pth",
                                                   weights_only=True)})
     task = split_digits()[0]
@@ -175,8 +176,8 @@ def test_torchrun_divergence_stops_every_rank(tmp_path):
     """A non-finite loss on any rank stops all of them (at the end of that epoch, since DDP's
     backward needs every rank) with the advice line, the last good checkpoint kept."""
     out = tmp_path / "m"
-    done = torchrun(["--reg_lambda", "1e6", "--init_lr", "0.1", "--num_epochs", "1",
-                     "--hidden", "16"], out)
+    done = torchrun(["--penalty_step", "gradient", "--reg_lambda", "1e6", "--init_lr", "0.1",
+                     "--num_epochs", "1", "--hidden", "16"], out)
     assert done.returncode != 0
     lines = app_lines(done.stderr)
     assert len(lines) == 1 and "diverged on task 2" in lines[0] and "--reg_lambda" in lines[0]

@@ -42,6 +42,10 @@ def fails(capsys, args, out, *needles) -> str:
     (["--benchmark", "split-mnist"], "--mnist_root"),
     (["--image_size", "16"], "--image_size"),
     (["--method", "finetune", "--reg_lambda", "0.5"], "--reg_lambda"),
+    (["--augment", "flip"], "--augment"),
+    (["--cache_mb", "-1"], "--cache_mb"),
+    (["--penalty_step", "adam"], "--penalty_step"),
+    (["--resum"], "--resum"),  # no abbreviations: a typo is not taken for --resume
 ])
 def test_bad_flags(tmp_path, capsys, args, needle):
     fails(capsys, args, tmp_path / "out", needle)
@@ -168,10 +172,12 @@ def test_resume_with_different_data_is_refused(stopped_run, tmp_path, capsys):
 
 
 # --- divergence --------------------------------------------------------------------------------
-def test_divergence_stops_with_advice_and_keeps_the_last_good_state(tmp_path, capsys):
+def test_gradient_step_divergence_stops_with_advice_and_keeps_the_last_good_state(tmp_path,
+                                                                                  capsys):
     out = tmp_path / "m"
-    line = fails(capsys, ["--reg_lambda", "1e6", "--init_lr", "0.1", *FAST], out,
-                 "diverged", "--reg_lambda 1000000.0", "--init_lr 0.1", "lower")
+    line = fails(capsys, ["--penalty_step", "gradient", "--reg_lambda", "1e6", "--init_lr",
+                          "0.1", *FAST], out,
+                 "diverged", "--reg_lambda 1000000.0", "--init_lr 0.1", "--penalty_step proximal")
     assert "task 2" in line
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["task"] == 1  # task 1 (no penalty yet) was committed, nothing after it

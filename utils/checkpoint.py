@@ -217,6 +217,7 @@ class RunDir:
     def __init__(self, root: Path, crash_test: CrashTest) -> None:
         self.root = root
         self.crash_test = crash_test
+        self.written: list[str] = []  # files this process wrote (relative to root), in order
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -273,6 +274,7 @@ class RunDir:
             path.parent.mkdir(parents=True, exist_ok=True)
             mas_optim.atomic_write(
                 path, data, before_replace=lambda: self.crash_test.kill_point(f"write:{rel}"))
+        self.written.append(rel)
 
     def write_reg_params(self, reg_params: RegParams) -> None:
         """Save reg_params with the library's own (atomic) writer unless the file holds them."""
@@ -287,6 +289,7 @@ class RunDir:
             mas_optim.save_reg_params(
                 reg_params, path,
                 before_replace=lambda: self.crash_test.kill_point(f"write:{REG_PARAMS}"))
+        self.written.append(REG_PARAMS)
 
     def save_checkpoint(self, state: RunState) -> None:
         """Commit the whole run state in one atomic write (the commit point of the run)."""

@@ -13,9 +13,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
+from mas_optim.reg_params import parse_accumulate
 from model_class import ARCHS
 from utils import AppError
-from utils.data import BENCHMARKS
+from utils.data import AUGMENTS, BENCHMARKS, DEFAULT_CACHE_MB
 from utils.methods import METHODS
 
 LR_STEP_EPOCHS = 20  # the original decays the learning rate x0.1 every 20 epochs
@@ -36,23 +37,30 @@ class Preset:
     reg_lambda: float
 
 
-# The digits settings were tuned by running fine-tuning (--reg_lambda 0) against MAS; see
-# README.md for the numbers. "folders" keeps the original repository's defaults.
+# Measured with benchmarks/compare_methods.py (README, "Measured"): the digits presets sit well
+# inside the proximal step's stable region. With momentum 0.9 the proximal step's pull towards
+# theta* is about 10x weaker than the gradient step's at the same lambda (the momentum buffer
+# accumulates the task gradient alone), hence lambdas 10x those of the gradient step;
+# split-mnist's was scaled so, not measured. "folders" keeps the original repository's batch,
+# epochs, lr and lambda (the original's step is --penalty_step gradient).
 PRESETS: dict[str, Preset] = {
-    "split-digits": Preset("mlp", 64, num_epochs=20, batch_size=16, init_lr=0.05,
-                           reg_lambda=0.1),
-    "permuted-digits": Preset("mlp", 128, num_epochs=10, batch_size=16, init_lr=0.05,
-                              reg_lambda=0.1),
-    "split-mnist": Preset("mlp", 256, num_epochs=2, batch_size=64, init_lr=0.05, reg_lambda=0.1),
+    "split-digits": Preset("mlp", 256, num_epochs=20, batch_size=16, init_lr=0.02,
+                           reg_lambda=3.0),
+    "permuted-digits": Preset("mlp", 256, num_epochs=10, batch_size=16, init_lr=0.05,
+                              reg_lambda=1.0),
+    "split-mnist": Preset("mlp", 256, num_epochs=2, batch_size=64, init_lr=0.05, reg_lambda=1.0),
     FOLDERS: Preset("alexnet", 256, num_epochs=10, batch_size=8, init_lr=0.001,
                     reg_lambda=0.01),
 }
-# Per-backbone defaults (image_size applies to --data_dir images only).
-ARCH_DEFAULTS: dict[str, dict[str, int]] = {
-    "alexnet": dict(image_size=224, num_freeze_layers=2),
-    "cnn": dict(image_size=32, num_freeze_layers=0),
-    "mlp": dict(image_size=32, num_freeze_layers=0),
+# Per-backbone defaults. A mirrored digit or pixel-permuted image is another input, so only
+# AlexNet (natural images, as the original) flips by default.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "alexnet": dict(image_size=224, augment="flip", num_freeze_layers=2),
+    "cnn": dict(image_size=32, augment="none", num_freeze_layers=0),
+    "mlp": dict(image_size=32, augment="none", num_freeze_layers=0),
 }
+FOLDERS_ONLY = ("image_size", "augment")  # settings of --data_dir images
+PENALTY_STEPS = ("proximal", "gradient")
 
 
 def _number(kind: type, minimum: float, strict: bool) -> Callable[[str], Any]:
@@ -68,24 +76,21 @@ def _number(kind: type, minimum: float, strict: bool) -> Callable[[str], Any]:
 
 
 def _accumulate(text: str) -> str | float:
-    if text == "sum":
-        return text
     try:
-        alpha = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use 'sum' or a number in [0, 1]") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text}: alpha must be in [0, 1]")
-    return alpha
+        return parse_accumulate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _flag(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
           choices: tuple[str, ...] | None = None, metavar: str | None = None,
-          stored: bool = True) -> Any:
+          stored: bool = True, aliases: dict[str, Any] | None = None) -> Any:
     """A field that is a command-line flag. ``stored``: it determines the result, so it is saved
-    with the run, written to results.json and must not change on --resume."""
+    with the run, written to results.json and must not change on --resume. ``aliases``: extra
+    flags that set this field to a fixed value (``{"--proximal": "proximal"}``)."""
     return field(default=default, metadata=dict(help=help, parse=parse, choices=choices,
-                                                metavar=metavar, stored=stored))
+                                                metavar=metavar, stored=stored,
+                                                aliases=aliases or {}))
 
 
 POSITIVE_INT, COUNT = _number(int, 0, True), _number(int, 0, False)
@@ -111,6 +116,13 @@ class Config:
     image_size: int | None = _flag(
         None, "images are resized to NxN (--data_dir only; alexnet needs >= 63)",
         parse=POSITIVE_INT)
+    augment: str | None = _flag(
+        None, "random augmentation of --data_dir training images: none, or flip (mirror "
+        "left-right at random)", choices=AUGMENTS)
+    cache_mb: float = _flag(
+        DEFAULT_CACHE_MB, "memory (MB) for --data_dir images kept decoded and resized between "
+        "epochs; 0 decodes every image at every use (same results, slower)", parse=NON_NEGATIVE,
+        metavar="MB", stored=False)
     hidden: int | None = _flag(None, "width of the mlp/cnn backbone", parse=POSITIVE_INT)
     pretrained: str | None = _flag(
         None, "torchvision AlexNet ImageNet weights file (e.g. alexnet-owt-7be5be79.pth); "
@@ -126,12 +138,15 @@ class Config:
     reg_lambda: float | None = _flag(
         None, "MAS penalty strength lambda in lambda*sum(Omega*(theta-theta*)^2); 0 is plain "
         "fine-tuning", parse=NON_NEGATIVE)
+    penalty_step: str = _flag(
+        "proximal", "how LocalSgd applies the penalty: proximal (torch's SGD step on the task "
+        "loss, then the penalty's exact proximal map; stable for any reg_lambda) or gradient "
+        "(the paper's explicit step 2*reg_lambda*Omega*(theta-theta*), which diverges once "
+        "2*lr*reg_lambda*Omega > 2)",
+        choices=PENALTY_STEPS, aliases={"--proximal": "proximal"})
     method: str = _flag(
         "mas", "importance Omega after each task: " + ", ".join(
             f"{name} ({m.help})" for name, m in METHODS.items()), choices=tuple(METHODS))
-    proximal: bool = _flag(
-        False, "apply the penalty by its exact proximal map instead of a gradient step (stable "
-        "for any reg_lambda)")
     omega: str = _flag(
         "per-sample", "importance: mean over samples of |d||f(x)||^2/dtheta| (per-sample, the "
         "paper's Eq. 2) or from the gradient of whole batches (faster, coarser)",
@@ -140,6 +155,9 @@ class Config:
         "sum", "how Omega of a new task joins the old: 'sum' (the paper) or alpha in [0,1] for "
         "a running average", parse=_accumulate)
     seed: int = _flag(0, "seed for initialisation and data order", parse=int)
+    # not a flag: how --data_dir images become inputs (utils.data.Preprocessing.to_dict(), with
+    # the normalisation statistics of the first task), fixed when the run starts
+    preprocessing: dict[str, Any] | None = field(default=None, metadata=dict(stored=True))
     output_dir: str = _flag(
         "models", "where shared_model.pth, reg_params.pickle, Task_k/, results.json, "
         "accuracy.png and checkpoint.pth go", stored=False)
@@ -165,14 +183,15 @@ class Config:
             raise AppError("give either --benchmark or --data_dir, not both")
         benchmark = FOLDERS if given.get("data_dir") is not None else (
             given.get("benchmark") or "split-digits")
-        if benchmark != FOLDERS and given.get("image_size") is not None:
-            raise AppError("--image_size applies to --data_dir images only")
+        for name in FOLDERS_ONLY:
+            if benchmark != FOLDERS and given.get(name) is not None:
+                raise AppError(f"--{name} applies to --data_dir images only")
         preset = PRESETS[benchmark]
         arch = given.get("arch") or preset.arch
         if given.get("pretrained") is not None and arch != "alexnet":
             raise AppError("--pretrained holds AlexNet weights: use it with --arch alexnet")
         by_arch = {k: v for k, v in ARCH_DEFAULTS[arch].items()
-                   if k != "image_size" or benchmark == FOLDERS}
+                   if k not in FOLDERS_ONLY or benchmark == FOLDERS}
         values = {**asdict(preset), **by_arch, **given, "benchmark": benchmark, "arch": arch}
         if not METHODS[values.get("method", "mas")].penalty:
             if given.get("reg_lambda"):
@@ -214,12 +233,15 @@ def _default_text(name: str, default: Any) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, from ``Config``'s fields. Flags left out are absent from the parsed
     namespace (``argparse.SUPPRESS``): what --resume checks is what the user typed."""
-    parser = _Parser(prog="train.py", argument_default=argparse.SUPPRESS, description=(
+    parser = _Parser(prog="train.py", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                     description=(
         "Train a sequence of tasks with Memory Aware Synapses (Aljundi et al., ECCV 2018) and "
         "report forgetting. Without arguments: Split Digits (scikit-learn digits, 5 tasks of 2 "
         "digits), under a minute on a CPU."))
     for f in fields(Config):
         meta = f.metadata
+        if "help" not in meta:  # not a flag
+            continue
         default = _default_text(f.name, f.default)
         help_text = meta["help"] + (f" (default {default})" if default else "")
         if f.default is False:
@@ -227,4 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(f"--{f.name}", type=meta["parse"], choices=meta["choices"],
                                 metavar=meta["metavar"], help=help_text)
+        for alias, value in meta["aliases"].items():
+            parser.add_argument(alias, dest=f.name, action="store_const", const=value,
+                                help=f"the same as --{f.name} {value}")
     return parser

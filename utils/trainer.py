@@ -168,7 +168,8 @@ class Trainer:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimizer = mas_optim.LocalSgd(trainable, reg_params=reg_params,
                                        reg_lambda=cfg.reg_lambda, lr=cfg.init_lr,
-                                       momentum=MOMENTUM, proximal=cfg.proximal,
+                                       momentum=MOMENTUM,
+                                       proximal=cfg.penalty_step == "proximal",
                                        track_path_integral=self.method.track_path_integral)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
         if state.optimizer is not None:
@@ -270,14 +271,15 @@ class Trainer:
 
     def diverged(self, t: int, epoch: int, what: str) -> Diverged:
         cfg = self.config
+        advice = ("the explicit penalty step 2*lr*reg_lambda*Omega is too large; lower --init_lr "
+                   "or --reg_lambda, or use --penalty_step proximal" if cfg.penalty_step ==
+                   "gradient" else "the task loss's step is too large; lower --init_lr")
         # every check that raises it sees the same values on every rank (parameters, penalty
         # and Omega are identical under DDP; the losses are gathered first)
         return everywhere(Diverged(
             f"training diverged on task {t + 1}, epoch {epoch + 1}: {what} with --reg_lambda "
-            f"{cfg.reg_lambda} and --init_lr {cfg.init_lr} (the penalty step "
-            f"2*lr*reg_lambda*Omega is too large for an explicit gradient step); lower --init_lr "
-            f"or --reg_lambda and start again with --overwrite. The last good state is kept in "
-            f"{self.run_dir.path(CHECKPOINT)}"))
+            f"{cfg.reg_lambda} and --init_lr {cfg.init_lr} ({advice}) and start again with "
+            f"--overwrite. The last good state is kept in {self.run_dir.path(CHECKPOINT)}"))
 
 
 def export(run_dir: RunDir, state: RunState) -> None:
