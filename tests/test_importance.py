@@ -481,3 +481,16 @@ def test_local_mas_global_omega_reaches_a_layer_whose_output_is_rewritten_in_pla
     want = reference_omega(model, xs)
     assert_close({n: got[n] for n in ("1.weight", "1.bias")},
                  {n: want[n] for n in ("1.weight", "1.bias")})
+
+
+def test_the_sample_dimension_is_proven_once_per_batch_signature():
+    """The probe (a second forward on two of the samples) runs for the first batch of each
+    signature only: three batches of 4, then a last batch of 3."""
+    torch.manual_seed(0)
+    model = mlp()
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
+    xs = torch.randn(15, 10)
+    got = compute_omega(model, loader(xs, 4))
+    assert forwards == [4, 2, 4, 4, 3, 2]  # batch, probe, batch, batch, new size: batch, probe
+    assert_close(got, reference_omega(model, xs))

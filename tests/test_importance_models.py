@@ -192,3 +192,34 @@ def test_embedding_sums_a_samples_repeated_tokens_before_the_absolute_value():
     grad = torch.autograd.grad(model[2](emb_out.flatten(1)).square().sum(), emb_out)[0]
     per_position[0].index_add_(0, batch.reshape(-1), grad.reshape(-1, 3).abs())
     assert (per_position[0] / 3 - want["0.weight"]).abs().max() > 1e-3
+
+
+class LayoutBySequenceLength(nn.Module):
+    """Runs its layers sequence-first, on (T, B, d), when the sequence length is odd and
+    batch-first otherwise: the layout of the samples changes with the batch's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        seq_first = x.shape[1] % 2 == 1
+        h = self.norm(self.proj(x.transpose(0, 1) if seq_first else x)).tanh()
+        return self.out(h.mean(0 if seq_first else 1))
+
+
+@pytest.mark.parametrize("case", ["layout_by_sequence_length", "transformer_seq_first"])
+def test_a_batch_with_another_sequence_length_is_proven_again(case):
+    torch.manual_seed(0)
+    model = LayoutBySequenceLength() if case == "layout_by_sequence_length" \
+        else Transformer(batch_first=False)
+    g = torch.Generator().manual_seed(1)
+    if case == "layout_by_sequence_length":
+        batches = [torch.randn(5, 4, 3, generator=g), torch.randn(5, 5, 3, generator=g),
+                   torch.randn(5, 4, 3, generator=g)]  # batch-first, then (5, 5, 3) seq-first
+    else:
+        batches = [tokens((4, 6), generator=g), tokens((5, 5), generator=g),
+                   tokens((3, 7), generator=g)]
+    assert_close(compute_omega(model, batches), reference_omega(model, batches))

@@ -3,7 +3,7 @@ r"""Exact per-sample Ω (paper Eq. 2) from one batched forward and backward.
 **What is proven, and how.** A rule reads sample k's part of a module's input and output
 gradient from one dimension of the batched tensors. That this dimension holds the samples is
 never taken from shapes alone (a sequence-first layer with sequence length == batch size has
-the batch size on dim 0 too); it is proven for every batch from the data flow:
+the batch size on dim 0 too); it is proven from the data flow:
 
 1. *Probe.* After the batched forward, the network runs again on a probe batch made of a few
    of the same samples in another order (samples 1, 0; sample 1 alone for a batch of two;
@@ -25,11 +25,25 @@ the batch size on dim 0 too); it is proven for every batch from the data flow:
    (tied weights, a layer called twice, a parameter used in a parent's ``forward``, a module
    without a rule) gets the module's vector-Jacobian product by ``torch.func`` (only that module
    reruns); with no proven module at all, the whole network per sample by ``torch.func``.
-"""
+
+**Proven once per signature.** The probe costs a second forward, as much as the rules on a small
+network, so within one :func:`~mas_optim.importance.compute_omega` call its result (which
+modules are proven, and their sample dimensions) is kept per *signature* of a batch and reused
+for every later batch with the same one; a new signature is proven anew. The signature is what
+decides the layout for code whose control flow depends on shapes only: the batch's structure
+and every tensor's shape, dtype and device (every non-tensor value in it too), every module call
+with the shapes, dtypes and devices of its inputs and outputs, and the modules running at each
+use of each parameter. A batch with another size or sequence length, a module that did not run
+or ran twice, a parameter used elsewhere: each is a new signature. The limit: control flow that
+depends on the *values* of the data and changes the layout without changing any of these (a
+batch whose samples get reordered, mixed or moved to another dimension where an earlier batch
+with the same signature had them on dim 0) is not caught: the earlier proof is applied to it.
+For such a model, sum :func:`~mas_optim.importance.omega_sums` over one-batch loaders (each call
+proves its batch). Nothing is kept after the call."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +115,27 @@ def _close(a: Tensor, b: Tensor) -> bool:
     tol = _tolerance(a.dtype)
     scale = a.abs().max().item() if a.numel() else 0.0
     return bool(torch.allclose(a, b, rtol=tol, atol=tol * scale))
+
+
+def signature(batch: Any, calls: Dict[nn.Module, List[Call]],
+              uses: Dict[str, Set[tuple]]) -> Optional[Hashable]:
+    """What the layout of the samples depends on when control flow depends on shapes only (the
+    module docstring's *signature*); None when a non-tensor value in it cannot be hashed."""
+    leaves, spec = tree_flatten(batch)
+    try:
+        key = (spec, _layout(leaves),
+               tuple((m, tuple((_layout(c.in_leaves), _layout(c.out_leaves)) for c in cs))
+                     for m, cs in calls.items()),
+               frozenset((name, frozenset(stacks)) for name, stacks in uses.items()))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _layout(leaves: List[Any]) -> tuple:
+    return tuple((t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, Tensor)
+                 else (type(t), t) for t in leaves)
 
 
 class _Uses(TorchFunctionMode):
@@ -176,6 +211,8 @@ class PerSampleEngine:
         self.holders = {m for m in model.modules()
                         if any(id(p) in self.ids for p in m.parameters())}
         self.functional = Functional()
+        # signature -> {module: (input dims, output dims)} of its proven modules (see above)
+        self.proofs: Dict[Hashable, Dict[nn.Module, Tuple[List, List]]] = {}
 
     def accumulate(self, batch: Any, n: int, sums: Dict[str, Tensor]) -> None:
         rec = _Recorder(self.model, keep_grads=True)
@@ -186,7 +223,7 @@ class PerSampleEngine:
                     outputs = self.forward(batch)
                 rec.remove()
                 loss = squared_norm(outputs)
-                proven = self._prove(rec, batch, outputs, n)
+                proven = self._prove(rec, uses_mode.uses, batch, outputs, n)
                 plan, rest = self._assign(uses_mode.uses, proven, rec)
                 self._backward(loss, plan, rec, rest)
         finally:
@@ -203,8 +240,27 @@ class PerSampleEngine:
             self._whole(batch, n, rest, sums)
 
     # -- 1. which modules are proven, and their sample dimensions
-    def _prove(self, rec: _Recorder, batch: Any, outputs: List[Tensor], n: int
-               ) -> Dict[nn.Module, Call]:
+    def _prove(self, rec: _Recorder, uses: Dict[str, Set[tuple]], batch: Any,
+               outputs: List[Tensor], n: int) -> Dict[nn.Module, Call]:
+        key = signature(batch, rec.calls, uses)
+        dims = self.proofs.get(key) if key is not None else None
+        if dims is None:
+            dims = self._probe(rec, batch, outputs, n)
+            if key is not None:
+                self.proofs[key] = dims
+        proven = {}
+        for m, (in_dims, out_dims) in dims.items():
+            call = rec.calls[m][0]
+            if any(isinstance(t, Tensor) and t._version != v
+                   for t, v in zip(call.in_leaves, call.in_versions)):
+                continue  # an input changed in place after the call: not what the module saw
+            call.in_dims, call.out_dims = list(in_dims), list(out_dims)
+            proven[m] = call
+        return proven
+
+    def _probe(self, rec: _Recorder, batch: Any, outputs: List[Tensor], n: int
+               ) -> Dict[nn.Module, Tuple[List, List]]:
+        """Runs the probe batch; {module: (input dims, output dims)} of the modules it proves."""
         rows = probe_rows(n)
         probe = _Recorder(self.model, keep_grads=False)
         try:
@@ -226,9 +282,7 @@ class PerSampleEngine:
                 continue
             call, other = calls[0], small[0]
             if (len(call.in_leaves) != len(other.in_leaves)
-                    or len(call.out_leaves) != len(other.out_leaves)
-                    or any(isinstance(t, Tensor) and t._version != v
-                           for t, v in zip(call.in_leaves, call.in_versions))):
+                    or len(call.out_leaves) != len(other.out_leaves)):
                 continue
             ins = [sample_dim(a, b, n, rows) for a, b in zip(call.in_leaves, other.in_leaves)]
             outs = [sample_dim(a, b, n, rows) for a, b in zip(call.out_leaves, other.out_leaves)]
@@ -237,9 +291,7 @@ class PerSampleEngine:
             if any(isinstance(t, Tensor) and t.requires_grad and d is None
                    for t, (_, d) in zip(call.out_leaves, outs)):
                 continue  # an output every sample shares: its gradient cannot be split
-            call.in_dims = [d for _, d in ins]
-            call.out_dims = [d for _, d in outs]
-            proven[m] = call
+            proven[m] = ([d for _, d in ins], [d for _, d in outs])
         return proven
 
     # -- 2. which parameter goes where
