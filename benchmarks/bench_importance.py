@@ -8,14 +8,14 @@ and the original code's backward + OmegaSgd.step).
 Peak memory: each pass runs in a fresh subprocess and reports the growth of its peak resident set
 during the pass (VmHWM from /proc/self/status after the pass minus before it; no psutil needed).
 
-CPU time of this process (time.process_time), one thread, medians of paired repeats. Run:  python benchmarks/bench_importance.py [--quick]
+CPU time of this process (`_timing.paired` with clock=time.process_time), one thread, medians of
+paired repeats. Run:  python benchmarks/bench_importance.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -26,28 +26,10 @@ from torch import nn
 
 import mas_optim
 
-CLOCK = time.process_time  # this process's CPU time: other work on the machine inflates it less
-
-
-def paired(fns: Dict[str, Callable[[], None]], repeats: int, inner: int) -> Dict[str, float]:
-    """Median over repeats of each fn's CPU time relative to the first one ('baseline'),
-    alternating the order; as benchmarks/_timing.paired, with CLOCK."""
-    names = list(fns)
-    ratios: Dict[str, list] = {n: [] for n in names[1:]}
-    base = []
-    for r in range(repeats):
-        t = {}
-        for n in (names if r % 2 == 0 else names[::-1]):
-            start = CLOCK()
-            for _ in range(inner):
-                fns[n]()
-            t[n] = (CLOCK() - start) / inner
-        base.append(t[names[0]])
-        for n in names[1:]:
-            ratios[n].append(t[n] / t[names[0]])
-    out = {n: statistics.median(v) for n, v in ratios.items()}
-    out["baseline_ms"] = statistics.median(base) * 1e3
-    return out
+try:
+    from benchmarks._timing import paired
+except ImportError:  # run as a script from benchmarks/
+    from _timing import paired
 
 CHUNK = 8          # samples per torch.func.vmap call in the baseline
 SAMPLES, BATCH = 64, 32
@@ -166,7 +148,7 @@ def bench_model(label: str, repeats: int) -> str:
         fns["vmap"] = lambda: vmap_omega(model, loader)
     for f in fns.values():
         f()
-    r = paired(fns, repeats, 1)
+    r = paired(fns, repeats, 1, clock=time.process_time)
     vs = (f"vmap {r['vmap']:.2f}x   ours/vmap {r['ours'] / r['vmap']:.2f}" if why is None
           else f"vmap fails ({why})")
     return (f"  {label:22s} batch formula {r['baseline_ms']:7.1f} ms   exact (ours) "
@@ -239,7 +221,7 @@ def bench_small(repeats: int) -> None:
                "batch-size-1 loop": batch_size_one_loop, "OmegaSgd loop": omega_sgd_loop}
         for f in fns.values():
             f()
-        r = paired(fns, repeats, 1)
+        r = paired(fns, repeats, 1, clock=time.process_time)
         loop, original = r["batch-size-1 loop"], r["OmegaSgd loop"]
         print(f"  {label}: batch formula {r['baseline_ms']:.1f} ms; per-sample "
               f"{r['per-sample']:.2f}x; batch-size-1 loops: autograd.grad {loop:.2f}x, "

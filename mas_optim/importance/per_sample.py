@@ -43,6 +43,7 @@ proves its batch). Nothing is kept after the call."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 import torch
@@ -192,9 +193,15 @@ class _Recorder:
                 t.register_hook(self._grad_hook(call, i))
 
     def _grad_hook(self, call: Call, i: int):
+        # The hook lives on the output's autograd node; a strong reference back to the call
+        # (which holds that output) would be a cycle that keeps the batch's activations alive
+        # until the garbage collector runs, so every batch would allocate fresh memory.
+        ref, wanted = weakref.ref(call), self.wanted
+
         def hook(g: Tensor) -> None:
-            if id(call) in self.wanted:
-                call.grads[i] = g.detach()
+            c = ref()
+            if c is not None and id(c) in wanted:
+                c.grads[i] = g.detach()
         return hook
 
     def remove(self) -> None:
