@@ -15,7 +15,9 @@ Where things are:
 * ``utils/data.py``, ``utils/evaluate.py``, ``utils/distributed.py``: data, results, torchrun
 
 Under ``torchrun --standalone --nproc_per_node N train.py ...`` it trains data-parallel
-(DistributedDataParallel, gloo on CPUs, NCCL with --use_gpu); only rank 0 writes and prints.
+(DistributedDataParallel, gloo on CPUs, NCCL with --use_gpu), or with ``--fsdp`` with the model,
+optimizer state and reg_params sharded over the processes (``utils/fsdp.py``); only rank 0 writes
+and prints.
 Run ``python train.py --help`` for the flags; README.md describes outputs and numbers.
 """
 from __future__ import annotations
@@ -66,6 +68,9 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
         if run_dir.path(CHECKPOINT).exists() and not config.overwrite:
             raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume to "
                            "continue it, --overwrite to start over, or pick another --output_dir")
+    if config.fsdp and not dist.active:
+        raise AppError("--fsdp shards the model over processes: start train.py under torchrun "
+                       "(torchrun --standalone --nproc_per_node N train.py --fsdp ...)")
     tasks = load_tasks(config)
     if state is not None and ([t.name for t in tasks] != state.tasks
                               or [t.classes for t in tasks] != state.classes):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import mas_optim
 from mas_optim.sharded import shard_reg_params_like
 from model_class import TaskModel, build_shared, freeze_first_layers, new_head
-from utils.fsdp import (all_finite, even_batches, full_optimizer_state, full_state, penalty,
+from utils.fsdp import (all_finite, even_batches, full_optimizer_state, full_state,
                         shard_optimizer_state_like, shard_task_model)
 
 SAMPLE = (1, 8, 8)
@@ -149,7 +149,7 @@ def run(rank: int, world: int, out: str) -> None:
         opt = make_optimizer(model, reg, penalty_step)
         train_steps(model, opt, range(STEPS), rank, world)
         final = checkpoint(model, opt, reg)
-        report[f"{penalty_step}_penalty"] = penalty(opt)
+        report[f"{penalty_step}_penalty"] = float(opt.penalty())
         report[f"{penalty_step}_sharded"] = all(
             isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
 

@@ -249,3 +249,54 @@ def test_agreement_points_raise_on_every_rank(tmp_path):
         assert lines[0] == "True:(on rank 1) only rank 1 saw this"
         assert lines[1].startswith("True:the 2 processes disagree on w")
         assert lines[2] == "(3, 20)"
+
+
+FSDP_TWO_EPOCHS = ["--num_epochs", "2", "--fsdp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """Split Digits, 2 epochs per task, under torchrun with --fsdp, and the same with DDP."""
+    root = tmp_path_factory.mktemp("fsdp")
+    done = torchrun(FSDP_TWO_EPOCHS, root / "fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = torchrun(FSDP_TWO_EPOCHS[:-1], root / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return root / "fsdp", root / "ddp", done
+
+
+def test_torchrun_fsdp_trains_like_ddp(fsdp_run):
+    out, ddp, done = fsdp_run
+    assert done.stdout.count("Average accuracy") == 1 and "Traceback" not in done.stderr
+    assert {str(p.relative_to(out)) for p in out.rglob("*")} == \
+        {str(p.relative_to(ddp)) for p in ddp.rglob("*")}
+    # the same averaged gradients, reduce-scattered instead of all-reduced
+    shared = torch.load(out / "shared_model.pth", weights_only=True)
+    want = torch.load(ddp / "shared_model.pth", weights_only=True)
+    for name, w in want.items():
+        assert torch.allclose(shared[name], w, rtol=1e-4, atol=1e-6), name
+    omega = mas_optim.load_reg_params(out / "reg_params.pickle")
+    want_omega = mas_optim.load_reg_params(ddp / "reg_params.pickle")
+    for name, entry in want_omega.items():
+        assert torch.allclose(omega[name]["omega"], entry["omega"], rtol=1e-4, atol=1e-8), name
+    doc, want_doc = results(out), results(ddp)
+    assert all(abs(a - b) <= 1.0 for a, b in zip(doc["final_acc"], want_doc["final_acc"]))
+
+
+def test_torchrun_fsdp_resume_mid_task_after_a_kill_ends_bit_identical(fsdp_run, tmp_path):
+    """Killed after the first of task 2's epochs was committed (weights, momentum buffers,
+    reg_params gathered from the slices), resumed with --fsdp: byte for byte the
+    uninterrupted --fsdp run."""
+    out = tmp_path / "m"
+    killed = torchrun(FSDP_TWO_EPOCHS, out, env={"MAS_OPTIM_KILL_AT": "after-epoch:3"})
+    assert killed.returncode != 0
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (state["task"], state["epoch"]) == (1, 1) and state["optimizer"]["state"]
+    done = torchrun([*FSDP_TWO_EPOCHS, "--resume"], out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert snapshot(out) == snapshot(fsdp_run[0])
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path):
+    assert run_main(["--fsdp"], tmp_path / "m") == 2
+    assert not (tmp_path / "m").exists()

@@ -165,6 +165,11 @@ class Config:
         False, "continue the run in --output_dir from its last checkpoint (finished tasks are "
         "not redone; on a finished run just print its report)", stored=False)
     overwrite: bool = _flag(False, "start a new run even if --output_dir holds one", stored=False)
+    fsdp: bool = _flag(
+        False, "under torchrun: shard the model, the optimizer state and Omega/theta* over the "
+        "processes (FSDP2 fully_shard; each holds 1/N of them) instead of replicating them "
+        "(DistributedDataParallel); the checkpoint and files are the same either way",
+        stored=False)
     use_gpu: bool = _flag(
         False, "train on the CUDA GPU (under torchrun: cuda:LOCAL_RANK, NCCL)", stored=False)
 

@@ -17,8 +17,8 @@ application adds, here:
   for ``optimizer.load_state_dict`` on a freshly sharded model;
 * :func:`even_batches`: evaluation batches padded so that every rank runs as many forwards
   (each forward of a sharded model all-gathers, a collective);
-* :func:`penalty`, :func:`all_finite`: the logged penalty and the divergence checks over all
-  ranks' slices (the same value and verdict on every rank).
+* :func:`all_finite`: the divergence checks over all ranks' slices (the same verdict on every
+  rank; ``LocalSgd.penalty()`` already sums over the ranks).
 
 Restoring a model is done before sharding: build it, ``load_part`` the full tensors of the
 checkpoint (every rank has read the same file), then :func:`shard_task_model`, which keeps each
@@ -47,7 +47,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import mas_optim
 from model_class import TaskModel
 
-__all__ = ["all_finite", "even_batches", "full_optimizer_state", "full_state", "penalty",
+__all__ = ["all_finite", "even_batches", "full_optimizer_state", "full_state",
            "shard_optimizer_state_like", "shard_task_model"]
 
 
@@ -150,16 +150,6 @@ def shard_optimizer_state_like(state_dict: Mapping[str, Any],
             sliced[key] = v
         state[index] = sliced
     return {**state_dict, "state": state}
-
-
-def penalty(optimizer: mas_optim.LocalSgd) -> float:
-    """``optimizer.penalty()`` (λ Σ Ω (θ − θ*)², Eq. 3) over the whole model: on a sharded model
-    the sum over every rank's slices (``float()`` of the ``DTensor`` that ``LocalSgd.penalty``
-    returns there would give this rank's part only). Collective on a sharded model."""
-    total = optimizer.penalty()
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    return float(total)
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import mas_optim
+from mas_optim.sharded import shard_reg_params_like
 from model_class import TaskModel, build_shared, freeze_first_layers, new_head
 from utils import AppError
 from utils.checkpoint import (CHECKPOINT, PLOT, RESULTS, SHARED, RegParams, RunDir, RunState,
@@ -25,6 +26,7 @@ from utils.config import LR_GAMMA, LR_STEP_EPOCHS, MOMENTUM, Config
 from utils.data import Task, derived_seed, fixed_shard, train_shard
 from utils.distributed import Dist, everywhere
 from utils.evaluate import accuracy, plot, results, results_json
+from utils import fsdp
 from utils.methods import METHODS, AfterTask
 
 
@@ -75,17 +77,20 @@ class Trainer:
         cfg, t = self.config, state.task
         with self.dist.error_barrier():
             model, optimizer, scheduler, reg_params = self.restore(state)
-        net = self.dist.wrap(model)  # DDP under torchrun: it averages the task gradient
+        # DDP under torchrun: it averages the task gradient (FSDP, the model itself, does too)
+        net = model if cfg.fsdp else self.dist.wrap(model)
         label = f"task {t + 1}/{len(self.tasks)} ({self.tasks[t].name})"
         every = max(1, math.ceil(cfg.num_epochs / 5))
         for epoch in range(state.epoch, cfg.num_epochs):
             loss, penalty = self.train_epoch(net, optimizer, t, epoch, label)
             scheduler.step()
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
+            if not fsdp.all_finite(model.parameters()):
                 raise self.diverged(t, epoch, "a parameter became NaN or Inf")
+            # full CPU tensors on every rank, also under --fsdp (gathered from the slices)
             state = state.after_epoch(
-                shared=cpu_copy(model.part_state("shared")),
-                head=cpu_copy(model.part_state("head")), optimizer=optimizer.state_dict(),
+                shared=fsdp.full_state(model.part_state("shared")),
+                head=fsdp.full_state(model.part_state("head")),
+                optimizer=fsdp.full_optimizer_state(optimizer),
                 scheduler=scheduler.state_dict(), rng=rng_state(self.device))
             self.commit(state)
             self.run_dir.crash_test.kill_point("after-epoch")
@@ -97,13 +102,14 @@ class Trainer:
         omega = self.method.importance(AfterTask(
             model, optimizer, reg_params, lambda: self.importance_batches(t, label),
             per_sample=cfg.omega == "per-sample"))
-        if not all(torch.isfinite(o).all() for o in omega.values()):
+        if not fsdp.all_finite(omega.values()):
             raise self.diverged(t, cfg.num_epochs - 1, "the importance Omega is not finite")
         reg_params = mas_optim.consolidate_reg_params(reg_params, model, omega,
                                                       accumulate=cfg.accumulate)
         state = state.after_task(
-            cpu_copy(model.part_state("head")), row, shared=cpu_copy(model.part_state("shared")),
-            reg_params={n: cpu_copy(d) for n, d in reg_params.items()},
+            fsdp.full_state(model.part_state("head")), row,
+            shared=fsdp.full_state(model.part_state("shared")),
+            reg_params={n: fsdp.full_state(d) for n, d in reg_params.items()},
             rng=rng_state(self.device))
         self.commit(state, task_done=True)
         log(f"{label} done: accuracy " + " ".join(f"{a:.1f}" for a in row))
@@ -162,9 +168,13 @@ class Trainer:
         model.load_part("shared", state.shared)
         if state.head is not None:
             model.load_part("head", state.head)
-        model.to(self.device)
         reg_params = {n: {k: v.to(self.device, copy=True) for k, v in d.items()}
                       for n, d in state.reg_params.items()}
+        if cfg.fsdp:  # each rank keeps its slices of the full weights it loaded; no traffic
+            fsdp.shard_task_model(model, self.device)
+            reg_params = shard_reg_params_like(reg_params, model)
+        else:
+            model.to(self.device)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimizer = mas_optim.LocalSgd(trainable, reg_params=reg_params,
                                        reg_lambda=cfg.reg_lambda, lr=cfg.init_lr,
@@ -174,7 +184,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
         if state.optimizer is not None:
             try:  # a state dict of other parameter groups: ValueError; a malformed one: KeyError
-                optimizer.load_state_dict(state.optimizer)
+                optimizer.load_state_dict(
+                    fsdp.shard_optimizer_state_like(state.optimizer, optimizer))
                 scheduler.load_state_dict(state.scheduler)
             except (ValueError, KeyError) as exc:
                 raise self.does_not_fit(f"optimizer state: {exc}") from None
@@ -236,10 +247,10 @@ class Trainer:
             bad = next((r[2] for r in ranks if r[2] is not None), None)
             if bad is not None:
                 raise self.diverged(t, epoch, f"the loss became {bad}")
-        penalty = float(optimizer.penalty())
-        if not math.isfinite(penalty):
-            raise self.diverged(t, epoch, f"the MAS penalty became {penalty}")
-        return total / max(seen, 1), penalty
+        mas_penalty = float(optimizer.penalty())  # the total over ranks when sharded
+        if not math.isfinite(mas_penalty):
+            raise self.diverged(t, epoch, f"the MAS penalty became {mas_penalty}")
+        return total / max(seen, 1), mas_penalty
 
     def evaluate_seen(self, model: TaskModel, state: RunState) -> list[float]:
         """Test accuracy on every task trained so far, each with its own head; under torchrun
@@ -254,6 +265,8 @@ class Trainer:
                 model.head = own_head
             loader = fixed_shard(self.tasks[j].test, self.config.batch_size, self.dist.rank,
                                  self.dist.world)
+            if self.config.fsdp:  # each forward all-gathers: as many on every rank
+                loader = fsdp.even_batches(loader, self.tasks[j].input_shape)
             row.append(accuracy(model, loader, self.device,
                                 self.dist.sum_counts if self.dist.active else None))
         return row
