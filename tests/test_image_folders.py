@@ -229,3 +229,18 @@ def test_digit_folders_hold_the_benchmarks_images(tmp_path):
                 assert got.shape == want.shape
                 assert torch.allclose(torch.tensor(key((got * 255).round())),
                                       torch.tensor(key((want * 255).round())), atol=0)
+
+
+def test_normalize_none_gives_pixels_over_255(tmp_path):
+    data = write_png_tasks(tmp_path / "d", "L")
+    task = image_folder_tasks(str(data), 6, arch="mlp", normalize="none")[0]
+    assert (task.preprocessing.mean, task.preprocessing.std) == ((0.0,), (1.0,))
+    for i, (path, _) in enumerate(task.train.samples):
+        assert torch.allclose(task.train[i][0], torch.tensor(_pixels(path, "L")).float(),
+                              atol=1e-7)
+
+
+def test_imagenet_statistics_of_a_grayscale_sequence_are_refused(tmp_path):
+    data = write_png_tasks(tmp_path / "d", "L")
+    with pytest.raises(AppError, match="--normalize imagenet: .* grayscale"):
+        image_folder_tasks(str(data), 6, arch="mlp", normalize="imagenet")

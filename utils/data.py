@@ -26,6 +26,9 @@ NUM_PERMUTED_TASKS = 5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("none", "flip")
+# inputs (pixel / 255 - mean) / std with ImageNet's statistics, those of the first task's
+# training images, or mean 0 and std 1 (pixel / 255, as the built-in digits benchmarks)
+NORMALIZATIONS = ("imagenet", "data", "none")
 # Budget of the decoded-image cache of image folders (uint8, all tasks together): 2 GiB holds
 # e.g. Tiny-ImageNet's 110,000 images at 64x64 RGB (1.3 GiB), not at AlexNet's 224x224 (16 GiB).
 DEFAULT_CACHE_MB = 2048
@@ -380,7 +383,7 @@ def _scan(task_dir: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[
 
 def image_folder_tasks(data_dir: str, image_size: int, *, arch: str = "alexnet",
                        augment: str | None = None, stored: dict | None = None,
-                       cache_mb: float = DEFAULT_CACHE_MB,
+                       cache_mb: float = DEFAULT_CACHE_MB, normalize: str | None = None,
                        log: Callable[[str], None] = print) -> list[Task]:
     """The original layout: ``data_dir/<task>/{train,test}/<class>/<image>``, tasks in sorted
     order, preprocessed as the data and the backbone need (``Task.preprocessing``):
@@ -390,12 +393,13 @@ def image_folder_tasks(data_dir: str, image_size: int, *, arch: str = "alexnet",
     * ``augment``: ``"flip"`` (random left-right mirror of training images) or ``"none"``;
       None means ``"flip"`` for alexnet (as the original) and ``"none"`` otherwise (a mirrored
       digit is another shape);
-    * normalisation: ImageNet statistics for alexnet (what its pretrained weights expect),
-      otherwise the per-channel mean and standard deviation of the first task's training
-      images (after resizing).
+    * ``normalize``: ``"imagenet"`` (ImageNet's statistics, what pretrained AlexNet expects),
+      ``"data"`` (the per-channel mean and standard deviation of the first task's training
+      images, after resizing) or ``"none"`` (pixel / 255); None means ``"imagenet"`` for
+      alexnet and ``"data"`` otherwise.
 
     ``stored`` (``Preprocessing.to_dict()`` of the run being resumed) gives channels, augment,
-    mean and std instead, so a resumed run preprocesses exactly as it started. The decoded,
+    mean and std instead (``normalize`` is then not used), so a resumed run preprocesses exactly as it started. The decoded,
     resized images of all tasks are kept in memory as uint8 when they fit in ``cache_mb``
     megabytes (0: never); otherwise each image is decoded on every access, and ``log`` says so.
     Unreadable images are reported (naming the file) here when cached, else when accessed.
@@ -404,6 +408,8 @@ def image_folder_tasks(data_dir: str, image_size: int, *, arch: str = "alexnet",
         raise ValueError(f"arch must be alexnet, cnn or mlp, not {arch!r}")
     if augment is not None and augment not in AUGMENTS:
         raise AppError(f"--augment {augment}: use one of {', '.join(AUGMENTS)}")
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise AppError(f"--normalize {normalize}: use one of {', '.join(NORMALIZATIONS)}")
     if not (math.isfinite(cache_mb) and cache_mb >= 0):
         raise AppError(f"--cache_mb {cache_mb}: must be a number >= 0 (0 turns the cache off)")
     root = Path(data_dir)
@@ -449,8 +455,14 @@ def image_folder_tasks(data_dir: str, image_size: int, *, arch: str = "alexnet",
         channels = 3 if any(_is_colour(path) for samples in splits for path, _ in samples) else 1
 
     if known is None:
-        if arch == "alexnet":
+        normalize = normalize or ("imagenet" if arch == "alexnet" else "data")
+        if normalize == "imagenet":
+            if channels != 3:
+                raise AppError("--normalize imagenet: ImageNet's statistics are for RGB images, "
+                               f"and the images in {root} are grayscale (use data or none)")
             mean, std = IMAGENET_MEAN, IMAGENET_STD
+        elif normalize == "none":
+            mean, std = (0.0,) * channels, (1.0,) * channels
         else:
             mean, std = _channel_stats(_batches(splits[0], channels, image_size, images[0]),
                                        channels)
