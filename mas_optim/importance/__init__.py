@@ -15,7 +15,7 @@ get it; here one batched forward and backward gives it exactly (:mod:`.per_sampl
   the vector-Jacobian product of the one module that holds it (e.g. ``nn.MultiheadAttention``),
   or of the whole network when no module can be proven to see one sample per row;
 * which dimension holds the samples is proven for every module from the data flow, never
-  assumed from shapes.
+  assumed from shapes (once per batch signature within a call, :mod:`.per_sample`).
 
 The model runs in eval mode (BatchNorm uses its running statistics, dropout is off), so a batch
 is processed exactly as its samples would be one by one.

@@ -65,7 +65,12 @@ def compute_omega(
 
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off), so a
     batch is processed as its samples would be one by one; how the exact per-sample values come
-    from one batched pass is in :mod:`mas_optim.importance`.
+    from one batched pass is in :mod:`mas_optim.importance`. Which dimension of each module's
+    tensors holds the samples is proven from the data flow once per batch signature (shapes and
+    dtypes of the batch and of every module call, the modules that ran) within one call and
+    reused for later batches with the same signature; control flow that depends on the data's
+    values and moves the samples without changing the signature is the limit
+    (:mod:`mas_optim.importance.per_sample`).
 
     When ``torch.distributed`` is initialised, every rank passes its own shard of the data and the
     per-rank sums and sample counts are all-reduced: each rank returns Ω over all the data.

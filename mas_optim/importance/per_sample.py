@@ -36,8 +36,8 @@ with the shapes, dtypes and devices of its inputs and outputs, and the modules r
 use of each parameter. A batch with another size or sequence length, a module that did not run
 or ran twice, a parameter used elsewhere: each is a new signature. The limit: control flow that
 depends on the *values* of the data and changes the layout without changing any of these (a
-batch whose samples get reordered, mixed or moved to another dimension where an earlier batch
-with the same signature had them on dim 0) is not caught: the earlier proof is applied to it.
+batch whose samples get reordered, moved to another dimension or made to interact where an
+earlier batch with the same signature had them apart on one dimension) is not caught: the earlier proof is applied to it.
 For such a model, sum :func:`~mas_optim.importance.omega_sums` over one-batch loaders (each call
 proves its batch). Nothing is kept after the call."""
 
@@ -158,9 +158,10 @@ class _Uses(TorchFunctionMode):
 
 
 class _Recorder:
-    """Hooks on every module: its calls (inputs, outputs), the module stack, output gradients."""
+    """Hooks on every module: its calls (inputs, outputs), the module stack, and the output
+    gradients of the modules in ``keep_grads`` (those that may own a parameter)."""
 
-    def __init__(self, model: nn.Module, keep_grads: bool) -> None:
+    def __init__(self, model: nn.Module, keep_grads: Set[nn.Module]) -> None:
         self.calls: Dict[nn.Module, List[Call]] = {}
         self.stack: List[nn.Module] = []
         self.keep_grads = keep_grads
@@ -184,7 +185,7 @@ class _Recorder:
         call.out_leaves, call.out_spec = tree_flatten(out)
         call.grads = [None] * len(call.out_leaves)
         call.out_versions = [t._version if isinstance(t, Tensor) else 0 for t in call.out_leaves]
-        if not self.keep_grads:
+        if m not in self.keep_grads:
             return
         for i, t in enumerate(call.out_leaves):
             if isinstance(t, Tensor) and t.requires_grad:
@@ -222,7 +223,7 @@ class PerSampleEngine:
         self.proofs: Dict[Hashable, Dict[nn.Module, Tuple[List, List]]] = {}
 
     def accumulate(self, batch: Any, n: int, sums: Dict[str, Tensor]) -> None:
-        rec = _Recorder(self.model, keep_grads=True)
+        rec = _Recorder(self.model, keep_grads=self.holders)
         try:
             with torch.enable_grad():
                 uses_mode = _Uses(self.ids, rec.stack)
@@ -269,7 +270,7 @@ class PerSampleEngine:
                ) -> Dict[nn.Module, Tuple[List, List]]:
         """Runs the probe batch; {module: (input dims, output dims)} of the modules it proves."""
         rows = probe_rows(n)
-        probe = _Recorder(self.model, keep_grads=False)
+        probe = _Recorder(self.model, keep_grads=set())
         try:
             probe_outputs = self.forward(select_samples(batch, n, rows))
         except Exception:  # e.g. a model written for one batch size: nothing is proven
