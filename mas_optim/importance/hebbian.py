@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conv import unfold
 from .per_sample import Forward, PerSampleEngine
 
 
@@ -73,7 +73,7 @@ def _hebbian_conv2d(m: nn.Conv2d, a: Tensor, z: Tensor, own: Dict[str, str],
                     sums: Dict[str, Tensor]) -> None:
     B, G = a.shape[0], m.groups
     if "weight" in own:
-        u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        u = unfold(m, a)
         L = u.shape[-1]
         # (G, B·L, Cin/G·kh·kw) and (G, Cout/G, B·L): one batched matmul over the groups
         u = u.abs().reshape(B, G, -1, L).permute(1, 0, 3, 2).reshape(G, B * L, -1)
