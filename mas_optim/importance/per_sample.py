@@ -31,15 +31,17 @@ network, so within one :func:`~mas_optim.importance.compute_omega` call its resu
 modules are proven, and their sample dimensions) is kept per *signature* of a batch and reused
 for every later batch with the same one; a new signature is proven anew. The signature is what
 decides the layout for code whose control flow depends on shapes only: the batch's structure
-and every tensor's shape, dtype and device (every non-tensor value in it too), every module call
-with the shapes, dtypes and devices of its inputs and outputs, and the modules running at each
-use of each parameter. A batch with another size or sequence length, a module that did not run
-or ran twice, a parameter used elsewhere: each is a new signature. The limit: control flow that
-depends on the *values* of the data and changes the layout without changing any of these (a
-batch whose samples get reordered, moved to another dimension or made to interact where an
-earlier batch with the same signature had them apart on one dimension) is not caught: the earlier proof is applied to it.
-For such a model, sum :func:`~mas_optim.importance.omega_sums` over one-batch loaders (each call
-proves its batch). Nothing is kept after the call."""
+and every tensor's shape, dtype and device (and every non-tensor value in it), every module
+call with the shapes, dtypes and devices of its inputs and outputs (and non-tensor values), and
+the modules running at each use of each parameter. A batch with another size or sequence
+length, a module that did not run or ran twice, a parameter used elsewhere: each is a new
+signature (a batch with a value that cannot be hashed is proven on its own). The limit: control
+flow that depends on the *values* of the data and changes the layout without changing any of
+these (a batch whose samples get reordered, moved to another dimension or made to interact
+where an earlier batch with the same signature had them apart on one dimension) is not caught:
+the earlier proof is applied to it. For such a model, sum
+:func:`~mas_optim.importance.omega_sums` over one-batch loaders (each call proves its batch).
+Nothing is kept after the call."""
 
 from __future__ import annotations
 
