@@ -494,3 +494,24 @@ def test_the_sample_dimension_is_proven_once_per_batch_signature():
     got = compute_omega(model, loader(xs, 4))
     assert forwards == [4, 2, 4, 4, 3, 2]  # batch, probe, batch, batch, new size: batch, probe
     assert_close(got, reference_omega(model, xs))
+
+
+class Unhashable:
+    """A value in a batch that cannot be hashed (defines __eq__ without __hash__)."""
+
+    def __eq__(self, other):
+        return isinstance(other, Unhashable)
+
+    __hash__ = None
+
+
+def test_a_batch_holding_an_unhashable_value_is_proven_on_its_own():
+    torch.manual_seed(0)
+    model = mlp()
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
+    xs = torch.randn(8, 10)
+    batches = [(xs[:4], Unhashable()), (xs[4:], Unhashable())]
+    got = compute_omega(model, batches)
+    assert forwards == [4, 2, 4, 2]  # each batch: its forward, then its probe
+    assert_close(got, reference_omega(model, xs))
