@@ -43,7 +43,8 @@ from utils.trainer import Trainer, log
 def load_tasks(config: Config) -> list[Task]:
     if config.benchmark == FOLDERS:
         return image_folder_tasks(config.data_dir, config.image_size, arch=config.arch,
-                                  augment=config.augment, stored=config.preprocessing,
+                                  augment=config.augment, normalize=config.normalize,
+                                  stored=config.preprocessing,
                                   cache_mb=config.cache_mb, log=log)
     if config.benchmark == "split-mnist":
         return split_mnist(config.mnist_root)

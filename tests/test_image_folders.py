@@ -84,7 +84,7 @@ def test_flip_mirrors_training_images_at_random_and_test_images_never(tmp_path):
 
 def test_normalisation_statistics_are_the_first_tasks_training_pixels(tmp_path):
     data = write_png_tasks(tmp_path / "d", "RGB")
-    p = image_folder_tasks(str(data), 6, arch="mlp")[0].preprocessing
+    p = image_folder_tasks(str(data), 6, arch="mlp", normalize="data")[0].preprocessing
     files = sorted((data / "task_0" / "train").rglob("*.png"))
     pixels = np.stack([_pixels(f, "RGB") for f in files])
     assert np.allclose(p.mean, pixels.mean(axis=(0, 2, 3)), rtol=0, atol=1e-12)
@@ -105,12 +105,12 @@ def test_inputs_match_torchvision_resize_to_tensor_normalize(tmp_path):
 
 def test_statistics_are_saved_and_reused_on_resume(tmp_path):
     data = write_png_tasks(tmp_path / "d", "L")
-    first = image_folder_tasks(str(data), 6, arch="mlp")[0].preprocessing
+    first = image_folder_tasks(str(data), 6, arch="mlp", normalize="data")[0].preprocessing
     stored = json.loads(json.dumps(first.to_dict()))  # as the run's config keeps it
     assert Preprocessing.from_dict(stored) == first
     for path in (data / "task_0" / "train").rglob("*.png"):  # the data changed since
         Image.new("L", (6, 6), 7).save(path)
-    assert image_folder_tasks(str(data), 6, arch="mlp")[0].preprocessing != first
+    assert image_folder_tasks(str(data), 6, arch="mlp", normalize="data")[0].preprocessing != first
     resumed = image_folder_tasks(str(data), 6, arch="mlp", stored=stored)
     assert all(t.preprocessing == first for t in resumed)
 
@@ -229,6 +229,13 @@ def test_digit_folders_hold_the_benchmarks_images(tmp_path):
                 assert got.shape == want.shape
                 assert torch.allclose(torch.tensor(key((got * 255).round())),
                                       torch.tensor(key((want * 255).round())), atol=0)
+
+
+def test_mlp_and_cnn_inputs_are_pixels_over_255_by_default(tmp_path):
+    data = write_png_tasks(tmp_path / "d", "L")
+    for arch in ("mlp", "cnn"):
+        p = image_folder_tasks(str(data), 6, arch=arch)[0].preprocessing
+        assert (p.mean, p.std) == ((0.0,), (1.0,)), arch
 
 
 def test_normalize_none_gives_pixels_over_255(tmp_path):

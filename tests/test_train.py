@@ -221,8 +221,8 @@ def test_resume_reuses_the_stored_normalisation(tmp_path):
     the checkpoint even if the images changed since (recomputing them would change the
     inputs the stored weights were trained on)."""
     data = make_image_tasks(tmp_path / "data", gray=True)
-    args = ["--data_dir", str(data), "--arch", "mlp", "--image_size", "8", "--num_epochs", "1",
-            "--batch_size", "4"]
+    args = ["--data_dir", str(data), "--arch", "mlp", "--normalize", "data", "--image_size", "8",
+            "--num_epochs", "1", "--batch_size", "4"]
     out = tmp_path / "out"
     killed = run_cli(args, out, env={"MAS_OPTIM_KILL_AT": "after-task:1"})
     assert killed.returncode == -9, killed.stderr
