@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,43 @@ def write_mnist(root: Path, n_train: int = 60, n_test: int = 20) -> Path:
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
             struct.pack(">II", 2049, n) + labels.tobytes())
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: Path, out: Path, world: int, timeout_s: float) -> list[dict]:
+    """``python worker RANK WORLD PORT OUT`` for every rank at once; each writes
+    ``OUT/report_RANK.json``, returned in rank order. A rank that fails stops the others at once
+    (instead of leaving them waiting in a collective); a hang is killed after ``timeout_s``."""
+    import pytest
+
+    port = str(free_port())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), str(worker.parent), os.environ.get("PYTHONPATH", "")]))
+    # Output to files, not pipes: a full pipe nobody reads would block a rank.
+    logs = [open(out / f"log_{r}.txt", "w") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world), port, str(out)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+             for r, log in enumerate(logs)]
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for log in logs:
+            log.close()
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail(f"{worker.name}: ranks failed or timed out:\n" + "\n".join(
+            f"--- rank {r} (exit {p.returncode}):\n{(out / f'log_{r}.txt').read_text()[-3000:]}"
+            for r, p in enumerate(procs)))
+    return [json.loads((out / f"report_{r}.json").read_text()) for r in range(world)]

@@ -6,43 +6,10 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import mas_optim
 from mas_optim import add_mas_penalty
-
-
-def make_mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
-def random_reg_params(model, seed=1, skip=()):
-    g = torch.Generator().manual_seed(seed)
-    return {n: {"omega": torch.rand(p.shape, generator=g) * 2,
-                "init_val": p.detach() + 0.3 * torch.randn(p.shape, generator=g)}
-            for n, p in model.named_parameters() if n not in skip}
-
-
-def autograd_penalty(model, reg_params, lam):
-    return lam * sum((reg_params[n]["omega"] * (p - reg_params[n]["init_val"]) ** 2).sum()
-                     for n, p in model.named_parameters() if n in reg_params)
-
-
-def batches(n, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(5, 8, generator=g), torch.randint(0, 3, (5,), generator=g))
-            for _ in range(n)]
-
-
-def step(model, opt, x, y, extra=None):
-    opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(x), y)
-    if extra is not None:
-        loss = loss + extra()
-    loss.backward()
-    opt.step()
-
+from optim_reference import autograd_penalty, batches, make_mlp, random_reg_params, step
 
 OPTIMIZERS = [
     (torch.optim.Adam, dict(lr=0.01)),

@@ -4,13 +4,8 @@ The two ranks run every scenario in one process group (tests/fsdp_worker.py); th
 what they wrote with references computed here in one process on the unsharded model.
 """
 
-import json
 import os
 import pickle
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mas_optim
+from helpers import run_ranks
 from fsdp_worker import (HOSTILE, LR, MOMENTUM, OMEGA_KWARGS, OPTIMIZERS, REG_LAMBDA,
                          make_model, omega_batches, start_reg_params, train_batches, train_with)
 
@@ -26,15 +22,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch built without gloo")
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-ROOT = WORKER.parent.parent
 WORLD = 2
 TIMEOUT_S = 240  # the ranks take about 30 s on 2 busy cores; a hang is killed after this
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Evil:
@@ -58,33 +47,7 @@ def write_inputs(out: Path) -> None:
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     write_inputs(out)
-    port = str(free_port())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT), str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
-    # Output to files, not pipes: a full pipe nobody reads would block a rank.
-    logs = [open(out / f"log_{r}.txt", "w") for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-             for r, log in enumerate(logs)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        # A rank that fails exits at once; then the other one is stopped instead of waited for.
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for log in logs:
-            log.close()
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail("FSDP ranks failed or timed out:\n" + "\n".join(
-            f"--- rank {r} (exit {p.returncode}):\n{(out / f'log_{r}.txt').read_text()[-3000:]}"
-            for r, p in enumerate(procs)))
-    reports = [json.loads((out / f"report_{r}.json").read_text()) for r in range(WORLD)]
+    reports = run_ranks(WORKER, out, WORLD, TIMEOUT_S)
     return out, reports
 
 

@@ -5,12 +5,6 @@ The ranks (tests/fsdp_app_worker.py) train, checkpoint, restore and evaluate a s
 the restored run with the uninterrupted one.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import mas_optim
+from helpers import run_ranks
 from fsdp_app_worker import (PENALTY_STEPS, STEPS, make_optimizer, make_task_model,
                              old_head, start_reg_params, eval_batches, train_steps)
 from utils.fsdp import full_optimizer_state, full_state, shard_optimizer_state_like
@@ -26,47 +21,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch built without gloo")
 
 WORKER = Path(__file__).with_name("fsdp_app_worker.py")
-ROOT = WORKER.parent.parent
 WORLD = 2
 TIMEOUT_S = 120  # the ranks take about 15 s on 2 busy cores; a hang is killed after this
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_app")
-    port = str(free_port())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT), str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
-    # Output to files, not pipes: a full pipe nobody reads would block a rank.
-    logs = [open(out / f"log_{r}.txt", "w") for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-             for r, log in enumerate(logs)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        # A rank that fails exits at once; then the other one is stopped instead of waited for.
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for log in logs:
-            log.close()
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail("FSDP ranks failed or timed out:\n" + "\n".join(
-            f"--- rank {r} (exit {p.returncode}):\n{(out / f'log_{r}.txt').read_text()[-3000:]}"
-            for r, p in enumerate(procs)))
-    reports = [json.loads((out / f"report_{r}.json").read_text()) for r in range(WORLD)]
+    reports = run_ranks(WORKER, out, WORLD, TIMEOUT_S)
     return out, reports
 
 
