@@ -27,7 +27,7 @@ from .reg_params import (
     save_reg_params,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LocalSgd",
