@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import signal
+import struct
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -94,10 +95,12 @@ def load_tensors(path: Path) -> Any:
     except pickle.UnpicklingError:
         raise AppError(f"{path}: damaged, or holds more than tensors and plain containers "
                        "(refused by torch's weights-only loader)") from None
-    except (RuntimeError, EOFError, ValueError, LookupError) as exc:
+    except (RuntimeError, EOFError, ValueError, LookupError, TypeError, OverflowError,
+            struct.error) as exc:
         # what torch's zip reader and weights-only unpickler raise on malformed bytes (a
         # truncated archive: RuntimeError; garbage opcodes: IndexError, KeyError,
-        # UnicodeDecodeError, EOFError)
+        # UnicodeDecodeError, EOFError, struct.error for a short length field, TypeError or
+        # OverflowError for operands of the wrong kind or size)
         raise AppError(f"{path}: damaged or not a weights file ({first_line(exc)})") from None
 
 
