@@ -192,7 +192,7 @@ def peak_memory(label: str) -> Dict[str, float]:
 
 
 def bench_small(repeats: int) -> None:
-    print(f"Importance pass, 512 samples, batch 128: time / time(batch formula)")
+    print("Importance pass, 512 samples, batch 128: time / time(batch formula)")
     torch.manual_seed(0)
     cases = (("MLP 784-400-400-10", mlp(400), torch.randn(512, 784)),
              ("small CNN (2 conv + 2 fc, 28x28)", small_cnn(), torch.randn(512, 1, 28, 28)))

@@ -68,7 +68,7 @@ def check_structure(reg_params: Any) -> None:
                         f"{type(reg_params).__name__}")
     for name, entry in reg_params.items():
         if not isinstance(name, str):
-            raise TypeError(f"reg_params must be keyed by parameter name (str), got a key of "
+            raise TypeError(f"reg_params must be keyed by parameter names (str), got a key of "
                             f"type {type(name).__name__}")
         if not isinstance(entry, Mapping):
             hint = ""

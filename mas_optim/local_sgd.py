@@ -338,23 +338,9 @@ class LocalSgd(torch.optim.SGD):
     @torch.no_grad()
     def penalty(self) -> Tensor:
         """λ Σ Ω (θ − θ*)² over this optimizer's regularised parameters (Eq. 3), for logging."""
-        total = None
-        for i, group in enumerate(self.param_groups):
-            lam = float(group["reg_lambda"])
-            for name, p in zip(group_names(group, i), group["params"]):
-                entry = self._reg_params.get(name) if name is not None else None
-                if entry is None:
-                    continue
-                if entry["omega"].shape != p.shape:
-                    check_entry(name, entry, p)
-                term = (entry["omega"] * (p - entry["init_val"]).square()).sum() * lam
-                total = term if total is None else total + term
-        if total is None:
-            first = next((p for g in self.param_groups for p in g["params"]), torch.zeros(()))
-            return torch.zeros((), device=first.device, dtype=first.dtype)
-        # Sharded parameters give this rank's partial sum: the total is a collective (every
-        # rank calls penalty(), as every rank steps).
-        return total.full_tensor() if is_sharded(total) else total
+        return _penalty(self._reg_params, (
+            (float(group["reg_lambda"]), name, p) for i, group in enumerate(self.param_groups)
+            for name, p in zip(group_names(group, i), group["params"])))
 
     @torch.no_grad()
     def path_integral_omega(self, xi: float = 0.1) -> Dict[str, Tensor]:
@@ -405,6 +391,28 @@ def _strip(name: str) -> str:
             if name.startswith(prefix):
                 name, changed = name[len(prefix):], True
     return name
+
+
+def _penalty(reg_params: RegParams,
+             params: Iterable[Tuple[float, Optional[str], Tensor]]) -> Tensor:
+    """λ Σ Ω (θ − θ*)² (Eq. 3) over ``(λ, name, θ)``; parameters without an entry add nothing.
+    A 0-dim tensor like the first parameter (zero if none is regularised). Sharded parameters
+    give this rank's partial sums, so the total is then a collective (every rank calls it, as
+    every rank steps)."""
+    total, first = None, None
+    for lam, name, p in params:
+        first = p if first is None else first
+        entry = reg_params.get(name) if name is not None else None
+        if entry is None:
+            continue
+        if entry["omega"].shape != p.shape:
+            check_entry(name, entry, p)
+        term = (entry["omega"] * (p - entry["init_val"]).square()).sum() * lam
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros((), device=getattr(first, "device", None),
+                           dtype=getattr(first, "dtype", None))
+    return total.full_tensor() if is_sharded(total) else total
 
 
 class _Terms:

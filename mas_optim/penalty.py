@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, is_sharded, local
-from .local_sgd import LocalSgd, _proximal_, _slices, _Terms
+from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, local
+from .local_sgd import LocalSgd, _penalty, _proximal_, _slices, _Terms
 from .reg_params import RegParams
 
 __all__ = ["MasPenalty", "add_mas_penalty"]
@@ -191,17 +191,10 @@ class MasPenalty:
     @torch.no_grad()
     def penalty(self) -> Tensor:
         """λ Σ Ω (θ − θ*)² over the optimizer's regularised parameters (Eq. 3), for logging."""
-        total = torch.zeros(())
-        for i, group in enumerate(self.optimizer.param_groups):
-            lam = float(group.get("reg_lambda", self.reg_lambda))
-            for name, p in zip(self._names(group, i), group["params"]):
-                entry = self._reg_params.get(name) if name is not None else None
-                if entry is not None:
-                    term = (entry["omega"] * (p - entry["init_val"]).square()).sum() * lam
-                    total = total.to(term.device) + term
-        # Sharded parameters give this rank's partial sum: the total is a collective (every
-        # rank calls penalty(), as every rank steps).
-        return total.full_tensor() if is_sharded(total) else total
+        return _penalty(self._reg_params, (
+            (float(group.get("reg_lambda", self.reg_lambda)), name, p)
+            for i, group in enumerate(self.optimizer.param_groups)
+            for name, p in zip(self._names(group, i), group["params"])))
 
 
 def add_mas_penalty(

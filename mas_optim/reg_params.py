@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ._validate import is_sharded
+from ._validate import check_structure, is_sharded
 from .atomic import PathLike, atomic_write
 
 RegParams = Dict[str, Dict[str, torch.Tensor]]
@@ -157,7 +157,7 @@ def save_reg_params(reg_params: RegParams, path: PathLike, *,
     tensors first, so the file does not depend on the number of ranks: then every rank must call
     this, rank 0 writes, and all ranks return once the file is in place.
     """
-    _validate_structure(reg_params, str(path))
+    check_structure(reg_params)
     if any(is_sharded(t) for entry in reg_params.values() for t in entry.values()):
         from .sharded import full_reg_params
 
@@ -292,19 +292,6 @@ def _decode_tensor(blob, where: str, what: str) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise RegParamsError(f"{where}: {what} holds NaN or Inf")
     return t
-
-
-def _validate_structure(reg_params: RegParams, where: str) -> None:
-    if not isinstance(reg_params, dict):
-        raise TypeError(f"reg_params must be a dict keyed by parameter name, got "
-                        f"{type(reg_params).__name__}")
-    for name, entry in reg_params.items():
-        if not isinstance(name, str):
-            raise TypeError(f"reg_params keys must be parameter names (str), got "
-                            f"{type(name).__name__}; key by name so the file survives a reload")
-        if not isinstance(entry, dict) or not all(
-                isinstance(entry.get(k), torch.Tensor) for k in _KEYS):
-            raise TypeError(f"reg_params[{name!r}] must hold tensors 'omega' and 'init_val'")
 
 
 def _fit_to_model(reg_params: RegParams, model: nn.Module, where: str) -> None:

@@ -12,18 +12,16 @@ so the one-process references use exactly the same ones.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
-import sys
-import traceback
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import mas_optim
+from helpers import rank_main
 from mas_optim.sharded import shard_reg_params_like
 from model_class import TaskModel, build_shared, freeze_first_layers, new_head
 from utils.fsdp import (all_finite, even_batches, full_optimizer_state, full_state,
@@ -226,21 +224,5 @@ def _gather(value: str, world: int) -> list:
     return values
 
 
-def main() -> None:
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        run(rank, world, out)
-    except BaseException:
-        # Exit at once, so the test stops the other rank instead of waiting in a collective.
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    rank_main(run)

@@ -10,18 +10,15 @@ one-process references use exactly the same ones.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import mas_optim
+from helpers import rank_main
 from mas_optim.sharded import full_reg_params, is_sharded, shard_reg_params_like
 
 STEPS, LOCAL_BATCH, REG_LAMBDA, LR, MOMENTUM = 4, 4, 0.5, 0.05, 0.9
@@ -228,21 +225,5 @@ def run(rank: int, world: int, out: str) -> None:
         json.dump(report, f)
 
 
-def main() -> None:
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        run(rank, world, out)
-    except BaseException:
-        # Exit at once, so the test stops the other rank instead of waiting in a collective.
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    rank_main(run)

@@ -123,3 +123,27 @@ def run_ranks(worker: Path, out: Path, world: int, timeout_s: float) -> list[dic
             f"--- rank {r} (exit {p.returncode}):\n{(out / f'log_{r}.txt').read_text()[-3000:]}"
             for r, p in enumerate(procs)))
     return [json.loads((out / f"report_{r}.json").read_text()) for r in range(world)]
+
+
+def rank_main(run) -> None:
+    """The ``__main__`` of a worker that :func:`run_ranks` starts: join the gloo process group
+    from ``argv`` (RANK WORLD PORT OUT), then ``run(rank, world, out)``."""
+    import datetime
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        run(rank, world, out)
+    except BaseException:
+        # Exit at once, so the test stops the other rank instead of waiting in a collective.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()

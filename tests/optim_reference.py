@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 
-def make_mlp(seed=0):
+def make_mlp(seed=0, hidden=16):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, 3))
 
 
 def random_reg_params(model, seed=1, skip=()):

@@ -1,7 +1,5 @@
 """LocalSgd and MasPlugin inside Avalanche 0.6's Naive strategy, with a multi-head model."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn

@@ -9,32 +9,7 @@ from torch import nn
 import mas_optim
 from mas_optim import LocalSgd
 from mas_optim import local_sgd as local_sgd_module
-
-
-def make_mlp(seed=0, hidden=16):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, 3))
-
-
-def random_reg_params(model, seed=1, skip=()):
-    g = torch.Generator().manual_seed(seed)
-    return {n: {"omega": torch.rand(p.shape, generator=g) * 2,
-                "init_val": p.detach() + 0.3 * torch.randn(p.shape, generator=g)}
-            for n, p in model.named_parameters() if n not in skip}
-
-
-def autograd_penalty(model, reg_params, lam):
-    total = 0.0
-    for n, p in model.named_parameters():
-        if n in reg_params:
-            total = total + (reg_params[n]["omega"] * (p - reg_params[n]["init_val"]) ** 2).sum()
-    return lam * total
-
-
-def batches(n, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(5, 8, generator=g), torch.randint(0, 3, (5,), generator=g))
-            for _ in range(n)]
+from optim_reference import autograd_penalty, batches, make_mlp, random_reg_params
 
 
 def train(pairs, data):

@@ -109,10 +109,6 @@ def is_tensor_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def cpu_copy(tensors: Tensors) -> Tensors:
-    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
-
-
 def rng_state(device: torch.device) -> dict[str, Any]:
     cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
     return {"torch": torch.get_rng_state(), "cuda": cuda}

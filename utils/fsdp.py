@@ -44,7 +44,6 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-import mas_optim
 from model_class import TaskModel
 
 __all__ = ["all_finite", "even_batches", "full_optimizer_state", "full_state",

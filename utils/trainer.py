@@ -21,7 +21,7 @@ from mas_optim.sharded import shard_reg_params_like
 from model_class import TaskModel, build_shared, freeze_first_layers, new_head
 from utils import AppError
 from utils.checkpoint import (CHECKPOINT, PLOT, RESULTS, SHARED, RegParams, RunDir, RunState,
-                              Tensors, cpu_copy, rng_state, set_rng_state, to_bytes)
+                              Tensors, rng_state, set_rng_state, to_bytes)
 from utils.config import LR_GAMMA, LR_STEP_EPOCHS, MOMENTUM, Config
 from utils.data import Task, derived_seed, fixed_shard, train_shard
 from utils.distributed import Dist, everywhere
@@ -144,8 +144,8 @@ class Trainer:
         reg_params = mas_optim.init_reg_params(model, freeze_layers=frozen + head_names)
         return RunState(config=cfg.to_dict(), tasks=[t.name for t in self.tasks],
                         classes=[t.classes for t in self.tasks],
-                        shared=cpu_copy(model.part_state("shared")),
-                        reg_params={n: cpu_copy(d) for n, d in reg_params.items()},
+                        shared=fsdp.full_state(model.part_state("shared")),
+                        reg_params={n: fsdp.full_state(d) for n, d in reg_params.items()},
                         rng=rng_state(self.device))
 
     def build_model(self, task: int, pretrained: str | None = None) -> TaskModel:
