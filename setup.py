@@ -15,6 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     packages=find_packages(include=["mas_optim", "mas_optim.*"]),
+    # The one-pass CPU kernels, compiled at first use (mas_optim/_kernels.py).
+    package_data={"mas_optim": ["csrc/*.c"]},
     python_requires=">=3.9",
     # torch 2.6 is the first with named parameters in optimizers (LocalSgd keys reg_params by
     # name). Tested with torch 2.14.1 and torchvision 0.29.1.

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as _torch_sgd
 
+from . import _kernels
 from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, is_sharded, local
 from .reg_params import RegParams
 
@@ -211,7 +212,7 @@ class LocalSgd(torch.optim.SGD):
             return None
         omega, init = entry["omega"], entry["init_val"]
         terms = self._penalty_cache.get(p)
-        key = (coef, cache, omega._version, init._version, tuple(p.shape))
+        key = (coef, cache, omega._version, init._version, p.shape)
         if terms is None or terms.key != key or terms.omega is not omega or terms.init is not init:
             check_entry(name, entry, p)
             terms = _Terms(key, omega, init, coef, cache)
@@ -250,23 +251,34 @@ class LocalSgd(torch.optim.SGD):
         lr = float(lr) if isinstance(lr, Tensor) else lr
         coef = 2.0 * float(group["reg_lambda"])
         momentum, proximal, track = group["momentum"], group["proximal"], self.track_path_integral
+        kernels = self._kernels(group) if coef != 0 else None
         plain_p, plain_g, plain_buf = [], [], []
         reg_p, reg_terms = [], []
-        cache = self.cache_penalty and coef != 0 and not proximal and not group["fused"]
+        kernel_items: List[Tuple[Tensor, Tensor, Tensor, Optional[Tensor], _Terms]] = []
+        cache = (self.cache_penalty and coef != 0 and not proximal and not group["fused"]
+                 and kernels is None)
+        state = self.state
         for name, p in zip(group_names(group, index), group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("LocalSgd does not support sparse gradients")
             terms = self._terms(name, p, coef, cache)
             if track:
-                _before_path_step(self.state[p], p)
+                _before_path_step(state[p], p)
             if coef == 0:
                 terms = None
+            if kernels is not None and terms is not None:
+                lp, lg = local(p), local(grad)
+                buf = state[p].get("momentum_buffer") if momentum != 0 else None
+                if terms.fit_kernels(lp, lg, *(() if buf is None else (local(buf),))):
+                    kernel_items.append((p, lp, lg, buf, terms))
+                    continue
             if terms is None or proximal:
                 plain_p.append(p)
-                plain_g.append(p.grad)
-                plain_buf.append(self.state[p].get("momentum_buffer"))
+                plain_g.append(grad)
+                plain_buf.append(state[p].get("momentum_buffer"))
             if terms is not None:
                 reg_p.append(p)
                 reg_terms.append(terms)
@@ -281,6 +293,8 @@ class LocalSgd(torch.optim.SGD):
                 for p, buf in zip(plain_p, plain_buf):
                     self.state[p]["momentum_buffer"] = buf
 
+        if kernel_items:
+            self._kernel_step(kernels, group, kernel_items, lr, coef)
         if reg_p and proximal:
             for p, terms in zip(reg_p, reg_terms):
                 _proximal_(local(p), local(terms.omega), local(terms.init), lr * coef)
@@ -291,6 +305,52 @@ class LocalSgd(torch.optim.SGD):
             for p in group["params"]:
                 if p.grad is not None:
                     _after_path_step(self.state[p], p)
+
+    def _kernels(self, group: dict) -> Optional[_kernels.Kernels]:
+        """The one-pass C kernels if this group takes them: ``fused`` not False, ``foreach``
+        not True, parameters on the CPU, and a C compiler that built them."""
+        if group["fused"] is False or group["foreach"]:
+            return None
+        params = group["params"]
+        if not params or local(params[0]).device.type != "cpu":
+            return None
+        return _kernels.load()
+
+    def _kernel_step(self, kernels: _kernels.Kernels, group: dict,
+                     items: List[Tuple[Tensor, Tensor, Tensor, Optional[Tensor], "_Terms"]],
+                     lr: float, coef: float) -> None:
+        """LocalSgd's whole update in one pass per parameter (``csrc/mas_kernels.c``): θ, g,
+        b, Ω and θ* are each read once, θ and b written once; no cached terms. ``items``:
+        (θ, its local tensor, local g, b or None, terms)."""
+        momentum, wd = group["momentum"], group["weight_decay"]
+        flags = ((_kernels.MOMENTUM if momentum != 0 else 0)
+                 | (_kernels.NESTEROV if group["nesterov"] else 0)
+                 | (_kernels.PROXIMAL if group["proximal"] else 0)
+                 | (_kernels.DECAY if wd != 0 else 0))
+        scalars = (lr, momentum, group["dampening"], wd, coef,
+                   -1.0 if group["maximize"] else 1.0)
+        by_dtype: Dict[torch.dtype, List[List[int]]] = {}
+        for p, lp, lg, buf, t in items:
+            b_ptr, first = 0, 0
+            if momentum != 0:
+                if buf is None:  # b_1 = d_1, written by the kernel; created like the parameter
+                    buf = self.state[p]["momentum_buffer"] = torch.empty_like(
+                        p, memory_format=torch.contiguous_format)
+                    first = _kernels.FIRST
+                b_ptr = local(buf).data_ptr()
+            rows = by_dtype.get(lp.dtype)
+            if rows is None:
+                rows = by_dtype[lp.dtype] = [[], [], [], [], [], [], []]
+            ptrs = t.kernel_ptrs
+            rows[0].append(ptrs[0])
+            rows[1].append(lg.data_ptr())
+            rows[2].append(b_ptr)
+            rows[3].append(ptrs[1])
+            rows[4].append(ptrs[2])
+            rows[5].append(lp.numel())
+            rows[6].append(flags | first)
+        for dtype, rows in by_dtype.items():
+            kernels.sgd(dtype, rows, scalars)
 
     def _penalised_sgd(self, group: dict, params: List[Tensor], terms: List["_Terms"],
                        lr: float) -> None:
@@ -321,10 +381,13 @@ class LocalSgd(torch.optim.SGD):
                     return
                 except Exception as e:  # noqa: BLE001 - any compiler failure falls back
                     self._fused_kernel = False
+                    c_kernel = (f"C kernel: {_kernels.reason()}; "
+                                if local(params[0]).device.type == "cpu" else "")
                     warnings.warn(
-                        "LocalSgd(fused=True): torch.compile could not build the fused step "
-                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); using "
-                        "the unfused step", RuntimeWarning, stacklevel=3)
+                        f"LocalSgd(fused=True): no fused step could be built ({c_kernel}"
+                        f"torch.compile: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200]}); using the unfused step",
+                        RuntimeWarning, stacklevel=3)
         foreach = group["foreach"]
         if foreach is None:
             foreach = all(local(p).device.type == "cuda" for p in params)
@@ -419,7 +482,8 @@ class _Terms:
     """Ω and θ* of one regularised parameter, and, when cached, (2λΩ, 2λΩθ*): the penalty
     gradient 2λΩ(θ − θ*) = slope·θ − offset then costs one fused multiply-add per pass."""
 
-    __slots__ = ("key", "omega", "init", "coef", "slope", "offset")
+    __slots__ = ("key", "omega", "init", "coef", "slope", "offset", "kernel_ptrs", "_fits",
+                 "_state")
 
     def __init__(self, key: tuple, omega: Tensor, init: Tensor, coef: float,
                  cache: bool) -> None:
@@ -428,6 +492,30 @@ class _Terms:
         if cache:
             self.slope = local(omega).mul(coef)
             self.offset = self.slope.mul(local(init))
+        self.kernel_ptrs: Tuple[int, ...] = ()  # addresses of θ, Ω, θ* when last checked
+        self._fits = False
+        self._state: Tuple[Tensor, ...] = ()
+
+    def fit_kernels(self, p: Tensor, g: Tensor, *state: Tensor) -> bool:
+        """Whether the C kernels can update local tensors ``p`` (θ), ``g`` and the optimizer's
+        ``state`` tensors (a momentum buffer, Adam's moments) with this Ω and θ* (see
+        :func:`_kernels.fits`). The full check runs when a tensor's memory moved (``.data``
+        reassigned, new state); each step checks the addresses and ``g``."""
+        omega, init = local(self.omega), local(self.init)
+        ptrs = (p.data_ptr(), omega.data_ptr(), init.data_ptr())
+        if ptrs != self.kernel_ptrs:
+            self.kernel_ptrs, self._state = ptrs, ()
+            self._fits = _kernels.fits(p, omega, init)
+        if not self._fits:
+            return False
+        if state and (len(state) != len(self._state)
+                      or any(a is not b for a, b in zip(state, self._state))):
+            if not _kernels.fits(p, omega, init, *state):
+                return False
+            self._state = state
+        gp = g.data_ptr()
+        return (g.is_contiguous() and gp not in ptrs
+                and all(gp != s.data_ptr() for s in state))
 
 
 # ---------------------------------------------------------------------- functional core

@@ -19,11 +19,12 @@ does the same inside a fused update and is faster.) Example::
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from . import _kernels
 from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, local
 from .local_sgd import LocalSgd, _penalty, _proximal_, _slices, _Terms
 from .reg_params import RegParams
@@ -41,7 +42,7 @@ class MasPenalty:
 
     def __init__(self, optimizer: torch.optim.Optimizer, reg_params: RegParams,
                  reg_lambda: float, *, model: Optional[nn.Module], proximal: bool,
-                 cache_penalty: bool, foreach: Optional[bool], fused: bool) -> None:
+                 cache_penalty: bool, foreach: Optional[bool], fused: Optional[bool]) -> None:
         if isinstance(optimizer, LocalSgd):
             raise TypeError("LocalSgd already applies the MAS penalty: give it reg_params "
                             "instead of adding a second penalty")
@@ -56,17 +57,19 @@ class MasPenalty:
         self.proximal = proximal
         self.cache_penalty = cache_penalty
         self.foreach = foreach
-        self.fused = bool(fused)
+        self.fused = fused
         self._fused_kernel: Any = None
         self.reg_lambda = as_reg_lambda(reg_lambda)
         self._by_id: Dict[int, str] = {}
         self._cache: Dict[Tensor, _Terms] = {}
         self._reg_params: RegParams = {}
         self.reg_params = reg_params
+        self._hidden: List[Tuple[Tensor, Tensor]] = []
         if proximal:
-            self._handle = optimizer.register_step_post_hook(self._after_step)
+            self._handles = [optimizer.register_step_post_hook(self._after_step)]
         else:
-            self._handle = optimizer.register_step_pre_hook(self._before_step)
+            self._handles = [optimizer.register_step_pre_hook(self._before_step),
+                             optimizer.register_step_post_hook(self._restore_grads)]
 
     @property
     def reg_params(self) -> RegParams:
@@ -80,7 +83,8 @@ class MasPenalty:
 
     def remove(self) -> None:
         """Detach the penalty: the optimizer steps on the task gradient alone again."""
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     # ------------------------------------------------------------------ names
 
@@ -121,8 +125,31 @@ class MasPenalty:
 
     # ------------------------------------------------------------------ hooks
 
+    def _before_step(self, optimizer, args, kwargs):
+        # args are step's own: (optimizer, [closure])
+        closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._restore_grads(optimizer, args, kwargs)
+            self._add_penalty(optimizer, take_over=True)
+            return None
+
+        # step(closure) computes the gradient inside step, after this hook: the penalty goes
+        # into the closure, and its value into the loss the optimizer sees (LBFGS's line
+        # search compares losses).
+        def closure_with_penalty():
+            loss = closure()
+            self._add_penalty(optimizer, take_over=False)
+            return loss if loss is None else loss + self.penalty().to(loss)
+
+        if "closure" in kwargs:
+            return args, dict(kwargs, closure=closure_with_penalty)
+        return (args[0], closure_with_penalty, *args[2:]), kwargs
+
     @torch.no_grad()
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def _add_penalty(self, optimizer, take_over: bool) -> None:
+        """g += 2λΩ(θ − θ*) for every regularised parameter with a gradient. ``take_over``: for
+        Adam/AdamW (see :meth:`_adam_kernel_applies`), the kernel runs the whole update of
+        these parameters instead, and hides their gradients from the optimizer's step."""
         for i, group in enumerate(optimizer.param_groups):
             coef = 2.0 * as_reg_lambda(group.get("reg_lambda", self.reg_lambda))
             if coef == 0:
@@ -134,6 +161,15 @@ class MasPenalty:
             sign = -1.0 if group.get("maximize", False) else 1.0
             grads = [local(p.grad) for p in params]
             ps = [local(p) for p in params]
+            kernels = self._kernels(ps)
+            if kernels is not None:
+                if take_over and self._adam_kernel_applies(optimizer, group):
+                    params, grads, ps, terms = self._kernel_adam(
+                        kernels, optimizer, group, params, grads, ps, terms, coef, sign)
+                if grads:
+                    grads, ps, terms = _kernel_penalty(kernels, grads, ps, terms, sign * coef)
+                if not grads:
+                    continue
             if self.fused and self._fused_add(grads, ps, terms, sign * coef):
                 continue
             foreach = self.foreach
@@ -155,6 +191,83 @@ class MasPenalty:
                 else:
                     for g_, p_, o_, i_ in _slices(g, p, local(t.omega), local(t.init)):
                         g_.addcmul_(o_, torch.sub(p_, i_), value=sign * coef)
+
+    # ------------------------------------------------------------------ Adam / AdamW in one pass
+
+    @staticmethod
+    def _adam_kernel_applies(optimizer: torch.optim.Optimizer, group: Mapping) -> bool:
+        """Whether the group's step is torch's single-tensor Adam/AdamW, which the kernel
+        reproduces: the exact class (a subclass may change the step), no hyperparameter this
+        code does not know, and none of amsgrad, capturable, differentiable, fused, foreach."""
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            return False
+        if not set(optimizer.defaults) <= _ADAM_KEYS:
+            return False
+        if any(group.get(k) for k in ("amsgrad", "capturable", "differentiable", "fused",
+                                       "foreach")):
+            return False
+        return not any(isinstance(group[k], Tensor) for k in ("weight_decay", "eps")) and \
+            not any(isinstance(b, Tensor) for b in group["betas"])
+
+    def _kernel_adam(self, kernels: _kernels.Kernels, optimizer: torch.optim.Optimizer,
+                     group: Mapping, params: List[Tensor], grads: List[Tensor],
+                     ps: List[Tensor], terms: List[_Terms], coef: float, sign: float):
+        """The penalty and torch's Adam/AdamW update in one pass (``csrc/mas_kernels.c``) for
+        every parameter the kernel fits; their gradients are hidden from the optimizer's own
+        step (and given back after it). Returns (params, grads, ps, terms) of the others."""
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        wd, eps = float(group["weight_decay"]), float(group["eps"])
+        decoupled = bool(group.get("decoupled_weight_decay", False))
+        flags = ((_kernels.DECAY if wd != 0 else 0)
+                 | (_kernels.DECOUPLED if wd != 0 and decoupled else 0)
+                 | (_kernels.LERP_END if abs(1 - beta1) >= 0.5 else 0))
+        # As torch.optim.adam._single_tensor_adam computes them, in Python floats.
+        scalars = (coef, sign, wd, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2, eps)
+        rest: Tuple[list, list, list, list] = ([], [], [], [])
+        by_dtype: Dict[torch.dtype, Tuple[List[List[int]], List[List[float]]]] = {}
+        state = optimizer.state
+        for p, g, lp, t in zip(params, grads, ps, terms):
+            st = state[p]
+            if not st:  # as torch's Adam initialises it, so its state dict is the same
+                st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step_t = st.get("step")
+            m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+            if (not isinstance(step_t, Tensor) or step_t.device.type != "cpu" or m is None
+                    or v is None or not t.fit_kernels(lp, g, local(m), local(v))):
+                for xs, x in zip(rest, (p, g, lp, t)):
+                    xs.append(x)
+                continue
+            step_t += 1
+            step = step_t.item()
+            rows, steps = by_dtype.setdefault(lp.dtype, ([[] for _ in range(8)], [[], []]))
+            ptrs = t.kernel_ptrs
+            for row, value in zip(rows, (ptrs[0], g.data_ptr(), local(m).data_ptr(),
+                                         local(v).data_ptr(), ptrs[1], ptrs[2], lp.numel(),
+                                         flags)):
+                row.append(value)
+            steps[0].append(-lr / (1 - beta1 ** step))
+            steps[1].append((1 - beta2 ** step) ** 0.5)
+            self._hidden.append((p, p.grad))
+        for dtype, (rows, steps) in by_dtype.items():
+            kernels.adam(dtype, rows, steps, scalars)
+        for p, _ in self._hidden:
+            p.grad = None
+        return rest
+
+    def _restore_grads(self, optimizer, args, kwargs) -> None:
+        for p, grad in self._hidden:
+            p.grad = grad
+        self._hidden = []
+
+    def _kernels(self, ps: List[Tensor]) -> Optional[_kernels.Kernels]:
+        """The one-pass C kernel where it applies: ``fused`` not False, ``foreach`` not True,
+        parameters on the CPU, and a C compiler that built it."""
+        if self.fused is False or self.foreach or ps[0].device.type != "cpu":
+            return None
+        return _kernels.load()
 
     def _fused_add(self, grads: List[Tensor], ps: List[Tensor], terms: List[_Terms],
                    coef: float) -> bool:
@@ -206,7 +319,7 @@ def add_mas_penalty(
     proximal: bool = False,
     cache_penalty: bool = False,
     foreach: Optional[bool] = None,
-    fused: bool = False,
+    fused: Optional[bool] = None,
 ) -> MasPenalty:
     r"""Attach the MAS penalty λ Σ Ω (θ − θ*)² (paper Eq. 3) to any torch optimizer.
 
@@ -244,6 +357,40 @@ def add_mas_penalty(
     """
     return MasPenalty(optimizer, reg_params, reg_lambda, model=model, proximal=proximal,
                       cache_penalty=cache_penalty, foreach=foreach, fused=fused)
+
+
+_ADAM_KEYS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+              "differentiable", "fused", "decoupled_weight_decay"}
+
+
+def _scalar_dtype() -> torch.dtype:
+    # The dtype torch's Adam gives state["step"] on the CPU.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _kernel_penalty(kernels: _kernels.Kernels, grads: List[Tensor], ps: List[Tensor],
+                    terms: List[_Terms], coef: float):
+    """g += coef·Ω(θ − θ*) by the C kernel, one call per dtype, for every parameter it fits;
+    returns (grads, params, terms) of the others."""
+    rest: Tuple[List[Tensor], List[Tensor], List[_Terms]] = ([], [], [])
+    by_dtype: Dict[torch.dtype, List[List[int]]] = {}
+    for g, p, t in zip(grads, ps, terms):
+        if not t.fit_kernels(p, g):
+            for xs, x in zip(rest, (g, p, t)):
+                xs.append(x)
+            continue
+        rows = by_dtype.get(p.dtype)
+        if rows is None:
+            rows = by_dtype[p.dtype] = [[], [], [], [], []]
+        ptrs = t.kernel_ptrs
+        rows[0].append(g.data_ptr())
+        rows[1].append(ptrs[0])
+        rows[2].append(ptrs[1])
+        rows[3].append(ptrs[2])
+        rows[4].append(p.numel())
+    for dtype, rows in by_dtype.items():
+        kernels.penalty(dtype, rows, coef)
+    return rest
 
 
 def _fused_penalty_body(grads: List[Tensor], params: List[Tensor], omegas: List[Tensor],

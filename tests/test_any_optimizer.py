@@ -21,23 +21,32 @@ OPTIMIZERS = [
 ]
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+PATHS = {"kernel": {}, "eager": dict(fused=False), "foreach": dict(foreach=True)}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cached"])
 @pytest.mark.parametrize("cls, hp", OPTIMIZERS,
                          ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(OPTIMIZERS)])
-def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, cache, foreach):
+def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, cache, path, kernel_calls):
     lam = 0.7
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref, skip=("2.bias",))
     opt_ref = cls(ref.parameters(), **hp)
     opt = cls(ours.named_parameters(), **hp)
     add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, cache_penalty=cache,
-                    foreach=foreach)
+                    **PATHS[path])
     for x, y in batches(6):
         step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
         step(ours, opt, x, y)
     for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+    # On the kernel path, Adam and AdamW (without amsgrad) run in one pass with the penalty;
+    # every other optimizer gets the penalty kernel, then its own step.
+    whole_step = path == "kernel" and cls in (torch.optim.Adam, torch.optim.AdamW) \
+        and not hp.get("amsgrad")
+    assert bool(kernel_calls["adam"]) == whole_step
+    assert bool(kernel_calls["penalty"]) == (path == "kernel" and not whole_step)
 
 
 def test_penalty_changes_the_trajectory():
@@ -204,9 +213,11 @@ def test_penalty_value():
     torch.testing.assert_close(mas.penalty(), autograd_penalty(model, reg, 0.25).detach())
 
 
-def test_fused_penalty_traces_as_one_graph_and_equals_the_penalised_loss(monkeypatch):
-    """fullgraph=True: the penalty is captured whole. aot_eager runs that graph without
-    generating C++, which keeps this test fast; benchmarks/bench_step.py builds it for real."""
+def test_compiled_penalty_traces_as_one_graph_and_equals_the_penalised_loss(monkeypatch,
+                                                                             no_c_kernels):
+    """``fused=True`` where the C kernel is not available (off the CPU, say): fullgraph=True
+    captures the penalty whole. aot_eager runs that graph without generating code, which
+    keeps this test fast."""
     real_compile = torch.compile
 
     def aot_eager(fn, **kwargs):
@@ -229,7 +240,7 @@ def test_fused_penalty_traces_as_one_graph_and_equals_the_penalised_loss(monkeyp
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_fused_penalty_falls_back_with_one_warning(monkeypatch):
+def test_fused_penalty_falls_back_with_one_warning(monkeypatch, no_c_kernels):
     def no_compiler(fn, **kwargs):
         def fail(*args):
             raise RuntimeError("Compiler: g++ not found")

@@ -276,19 +276,28 @@ def run_against_reference(hp, lam=0.7, **options):
     return opt
 
 
+PATHS = {
+    "kernel": {},  # the default on the CPU: the one-pass C kernel
+    "eager": dict(fused=False),
+    "eager-uncached": dict(fused=False, cache_penalty=False),
+    "foreach": dict(foreach=True),
+    "foreach-uncached": dict(foreach=True, cache_penalty=False),
+}
+
+
 @pytest.mark.parametrize("hp", HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
-@pytest.mark.parametrize("options", [dict(foreach=True), dict(cache_penalty=False),
-                                     dict(foreach=True, cache_penalty=False)],
-                         ids=["foreach", "uncached", "foreach-uncached"])
-def test_foreach_and_uncached_paths_match_the_penalised_loss(hp, options):
-    opt = run_against_reference(hp, **options)
-    if not options.get("cache_penalty", True):
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_matches_the_penalised_loss(hp, path, kernel_calls):
+    opt = run_against_reference(hp, **PATHS[path])
+    assert bool(kernel_calls["sgd"]) == (path == "kernel")
+    if "uncached" in path:
         assert all(t.slope is None for t in opt._penalty_cache.values())
 
 
 @pytest.mark.parametrize("hp", HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
-def test_fused_kernel_matches_the_penalised_loss(hp, monkeypatch):
-    """The fused step's single-pass body (compilation is checked in its own test)."""
+def test_compiled_kernel_matches_the_penalised_loss(hp, monkeypatch, no_c_kernels):
+    """The torch.compile'd step (``fused=True`` off the CPU, or without the C kernel): its
+    single-pass body, run eagerly (compilation is checked in its own test)."""
     calls = []
 
     def eager_kernel():
@@ -302,23 +311,25 @@ def test_fused_kernel_matches_the_penalised_loss(hp, monkeypatch):
     assert calls  # the fused body ran
 
 
-def test_fused_falls_back_with_one_warning_when_compilation_fails(monkeypatch):
+def test_fused_falls_back_with_one_warning_when_nothing_compiles(monkeypatch, no_c_kernels):
     def no_compiler():
         def fail(*args):
             raise RuntimeError("Compiler: g++ not found\nmore lines")
         return fail
 
     monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel", no_compiler)
-    with pytest.warns(RuntimeWarning, match="could not build the fused step.*g\\+\\+ not found"
+    with pytest.warns(RuntimeWarning, match=r"no fused step could be built \(C kernel: no C "
+                      r"compiler.*torch.compile: RuntimeError: Compiler: g\+\+ not found\)"
                       ) as record:
         run_against_reference(dict(lr=0.05, momentum=0.9), fused=True)
     assert len(record) == 1
 
 
-def test_fused_kernel_traces_as_one_graph_and_matches_the_penalised_loss(monkeypatch):
+def test_compiled_kernel_traces_as_one_graph_and_matches_the_penalised_loss(monkeypatch,
+                                                                            no_c_kernels):
     """torch.compile(fullgraph=True) captures the kernel whole (no graph break, which would
-    mean no single-pass kernel). The aot_eager backend runs that graph without generating C++,
-    which keeps this test fast; benchmarks/bench_step.py runs the real inductor build."""
+    mean no single-pass kernel). The aot_eager backend runs that graph without generating
+    code, which keeps this test fast."""
     def traced():
         return torch.compile(local_sgd_module._fused_kernel_body, backend="aot_eager",
                              dynamic=True, fullgraph=True)

@@ -103,14 +103,15 @@ def test_tracking_does_not_change_the_trajectory():
 
 # ---------------------------------------------------------------------------- proximal
 
+@pytest.mark.parametrize("fused", [None, False], ids=["kernel", "eager"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_proximal_step_is_sgd_then_the_exact_proximal_map(momentum):
+def test_proximal_step_is_sgd_then_the_exact_proximal_map(momentum, fused):
     lr, lam = 0.1, 0.7
     ref, ours = make_mlp(), make_mlp()
     reg = reg_for(ref)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum)
     opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, lr=lr,
-                   momentum=momentum, proximal=True)
+                   momentum=momentum, proximal=True, fused=fused)
     for x, y in data(4):
         opt_ref.zero_grad()
         loss_of(ref, x, y).backward()

@@ -1,0 +1,276 @@
+"""The one-pass CPU kernels of ``csrc/mas_kernels.c``, built at first use with the C compiler.
+
+The eager MAS step is memory-bound: every pass streams whole tensors. ``mas_kernels.c`` does
+LocalSgd's update (penalty, weight decay, momentum, the proximal map) and add_mas_penalty's
+gradient in one pass each, reading every tensor once. It has no dependency but libc, so
+building it takes a fraction of a second with any C compiler (``$CC``, else ``cc``), and it is
+called through :mod:`ctypes` on the tensors' memory.
+
+Where no compiler works, :func:`load` returns None and the callers take their eager path, which
+computes the same update (tests check the two against each other and against autograd).
+
+The library is cached in ``$MAS_OPTIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/mas_optim``, else
+``~/.cache/mas_optim``, under a name that hashes the source, the compiler and the flags, so an
+edited source or another compiler builds anew. It is written atomically and loaded only from a
+directory that belongs to this user and that no one else can write to; otherwise it is built
+in a fresh private directory instead. A library that fails to load or reports another interface
+version is rebuilt, never called.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).parent / "csrc" / "mas_kernels.c"
+_ABI = 2
+# ISO C: no contraction into fused multiply-adds, so each operation rounds like torch's.
+_FLAGS = ("-O3", "-std=c99", "-fno-math-errno", "-shared", "-fPIC")
+# Below this many elements per thread a second thread costs more than it saves.
+_PER_THREAD = 1 << 16
+
+MOMENTUM, FIRST, NESTEROV, PROXIMAL, DECAY, DECOUPLED, LERP_END = 1, 2, 4, 8, 16, 32, 64
+_DTYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+
+
+class Kernels:
+    """Typed entry points of the loaded library. Both work on groups of tensors given by their
+    addresses (one C call per group, so the Python cost per tensor is a few attribute reads);
+    the caller guarantees :func:`fits`."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._fns = {}
+        ptr, i64, i32, rows = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+        for dtype, (suffix, real) in _DTYPES.items():
+            one = getattr(lib, f"mas_sgd_{suffix}")
+            one.argtypes, one.restype = [ptr] * 5 + [i64] + [real] * 6 + [i32], i32
+            many = getattr(lib, f"mas_sgd_many_{suffix}")
+            many.argtypes, many.restype = [i64, rows] + [real] * 6, i32
+            pen = getattr(lib, f"mas_penalty_{suffix}")
+            pen.argtypes, pen.restype = [ptr] * 4 + [i64, real], None
+            pen_many = getattr(lib, f"mas_penalty_many_{suffix}")
+            pen_many.argtypes, pen_many.restype = [i64, rows, real], None
+            adam = getattr(lib, f"mas_adam_{suffix}")
+            adam.argtypes, adam.restype = [ptr] * 6 + [i64] + [real] * 10 + [i32], i32
+            adam_many = getattr(lib, f"mas_adam_many_{suffix}")
+            adam_many.argtypes, adam_many.restype = [i64, rows, rows] + [real] * 8, i32
+            self._fns[dtype] = (one, many, pen, pen_many, adam, adam_many)
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._workers = 0
+
+    def sgd(self, dtype: torch.dtype, rows: Sequence[List[int]],
+            scalars: Tuple[float, ...]) -> None:
+        """LocalSgd's update, in place, of the tensors whose addresses are in ``rows``: θ, g,
+        b (0 without momentum), Ω, θ*, element counts, flags; ``scalars`` = (lr, momentum,
+        dampening, weight_decay, coef, gsign). See ``mas_kernels.c``."""
+        one, many = self._fns[dtype][:2]
+        left = self._split_large(rows, 5, dtype, lambda at, n, j: _check(
+            one(*at, n, *scalars, rows[6][j])))
+        if left:
+            _check(many(len(left), _int64s([[row[j] for j in left] for row in rows]), *scalars))
+
+    def penalty(self, dtype: torch.dtype, rows: Sequence[List[int]], coef: float) -> None:
+        """``g += coef·Ω(θ − θ*)`` in place; ``rows``: addresses of g, θ, Ω, θ*, counts."""
+        one, many = self._fns[dtype][2:4]
+        left = self._split_large(rows, 4, dtype, lambda at, n, j: one(*at, n, coef))
+        if left:
+            many(len(left), _int64s([[row[j] for j in left] for row in rows]), coef)
+
+    def adam(self, dtype: torch.dtype, rows: Sequence[List[int]], steps: Sequence[List[float]],
+             scalars: Tuple[float, ...]) -> None:
+        """Adam/AdamW on the penalised gradient, in place: ``rows`` are addresses of θ, g, m,
+        v, Ω, θ*, then counts and flags; ``steps`` the per-tensor (−lr/(1 − β1^t),
+        sqrt(1 − β2^t)); ``scalars`` = (coef, gsign, wd, 1 − lr·wd, 1 − β1, β2, 1 − β2, eps).
+        See ``mas_kernels.c``."""
+        one, many = self._fns[dtype][4:6]
+        left = self._split_large(rows, 6, dtype, lambda at, n, j: _check(
+            one(*at, n, *scalars, steps[0][j], steps[1][j], rows[7][j])))
+        if left:
+            flat = [v for row in steps for v in (row[j] for j in left)]
+            _check(many(len(left), _int64s([[row[j] for j in left] for row in rows]),
+                        (ctypes.c_double * len(flat))(*flat), *scalars))
+
+    def _split_large(self, rows: Sequence[List[int]], n_addr: int, dtype: torch.dtype,
+                     call) -> List[int]:
+        """Run ``call(addresses, count, j)`` on slices in parallel for each tensor j large
+        enough for several threads (``rows[:n_addr]`` are addresses, ``rows[n_addr]`` counts);
+        return the indices of the others. ctypes releases the GIL during the call."""
+        counts = rows[n_addr]
+        threads = torch.get_num_threads()
+        if threads <= 1 or max(counts, default=0) < 2 * _PER_THREAD:
+            return list(range(len(counts)))
+        size = ctypes.sizeof(_DTYPES[dtype][1])
+        left = []
+        for j, n in enumerate(counts):
+            k = min(threads, n // _PER_THREAD)
+            if k <= 1:
+                left.append(j)
+                continue
+            if self._workers < k:
+                self._pool = ThreadPoolExecutor(k, thread_name_prefix="mas_kernels")
+                self._workers = k
+            step = -(-n // k)
+            step += -step % 16  # slices start on 64-byte boundaries
+            futures = [self._pool.submit(
+                call, [rows[r][j] + start * size if rows[r][j] else 0 for r in range(n_addr)],
+                min(step, n - start), j) for start in range(0, n, step)]
+            for f in futures:
+                f.result()
+        return left
+
+
+def _int64s(rows: Sequence[List[int]]) -> "ctypes.Array":
+    flat = [v for row in rows for v in row]
+    return (ctypes.c_int64 * len(flat))(*flat)
+
+
+def _check(code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"mas_kernels: unknown flags (code {code}); please report this")
+
+
+def fits(*tensors: Optional[Tensor]) -> bool:
+    """Whether the kernels can update these tensors in place: all on the CPU, float32 or
+    float64 alike, contiguous, the same number of elements, and no two sharing memory (the
+    kernels read each input once, so an alias would read values they already wrote)."""
+    ts: List[Tensor] = [t for t in tensors if t is not None]
+    first = ts[0]
+    if first.dtype not in _DTYPES or first.device.type != "cpu":
+        return False
+    n = first.numel()
+    ptrs = set()
+    for t in ts:
+        if (t.dtype != first.dtype or t.device.type != "cpu" or t.numel() != n
+                or not t.is_contiguous() or t.is_sparse or t.is_conj() or t.is_neg()):
+            return False
+        ptrs.add(t.data_ptr())
+    return len(ptrs) == len(ts) or n == 0
+
+
+def load() -> Optional[Kernels]:
+    """The kernels, built on first use; None where they can't be built (see :func:`reason`)."""
+    return _loaded()[0]
+
+
+def reason() -> str:
+    """Why :func:`load` returned None ('' if it did not)."""
+    return _loaded()[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded() -> Tuple[Optional[Kernels], str]:
+    try:
+        return _load(), ""
+    except _Unavailable as e:
+        return None, str(e)
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _load() -> Kernels:
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        raise _Unavailable(f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH")
+    name = _library_name(compiler)
+    cache = _cache_dir()
+    if cache is not None:
+        path = cache / name
+        if path.is_file() and _owned_and_private(path):
+            lib = _open(path)
+            if lib is not None:
+                return Kernels(lib, path)
+        folder = cache
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="mas_kernels-"))
+        path = folder / name
+    _build(compiler, folder, path)
+    lib = _open(path)
+    if lib is None:
+        raise _Unavailable(f"the built library {path} does not load")
+    return Kernels(lib, path)
+
+
+def _library_name(compiler: str) -> str:
+    """A name that changes with the source, the compiler, its flags and the machine."""
+    version = (_run([compiler, "--version"]).splitlines() or [""])[0]
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), compiler.encode(), version.encode(),
+                                     " ".join(_FLAGS).encode(), platform.machine().encode(),
+                                     str(_ABI).encode()])).hexdigest()[:16]
+    return f"mas_kernels-{key}.so"
+
+
+def _run(cmd: List[str]) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _build(compiler: str, folder: Path, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise _Unavailable(f"{compiler} failed: {detail[0] if detail else done.returncode}")
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, path)  # atomic: another process sees the old file or the whole new one
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _Unavailable(f"{compiler} could not build {_SOURCE.name}: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path) -> Optional[ctypes.CDLL]:
+    try:
+        lib = ctypes.CDLL(str(path))
+        abi = lib.mas_kernels_abi
+        abi.restype = ctypes.c_int32
+        return lib if abi() == _ABI else None
+    except (OSError, AttributeError):
+        return None
+
+
+def _cache_dir() -> Optional[Path]:
+    """The cache folder (created private), or None if it can't be trusted or created."""
+    root = os.environ.get("MAS_OPTIM_CACHE_DIR")
+    if root:
+        folder = Path(root)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = Path(base) / "mas_optim"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return None
+    return folder if _owned_and_private(folder) else None
+
+
+def _owned_and_private(path: Path) -> bool:
+    """Owned by this user and writable by no one else (else someone could swap the library)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    owner = getattr(os, "getuid", lambda: st.st_uid)()
+    return st.st_uid == owner and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)

@@ -1,0 +1,170 @@
+/* One-pass MAS updates on contiguous CPU buffers, loaded by mas_optim/_kernels.py.
+ *
+ * Each function reads every tensor once and writes each output once, where the eager PyTorch
+ * ops take three to five passes. The arithmetic is that of the eager path in
+ * mas_optim/local_sgd.py and mas_optim/penalty.py (and of torch.optim.SGD for the rest of the
+ * update), in the tensors' own precision. Nothing here allocates, locks or keeps state; the
+ * caller splits large tensors between threads.
+ */
+#include <math.h>
+#include <stdint.h>
+
+enum {
+    MAS_MOMENTUM = 1,  /* keep a momentum buffer b                            */
+    MAS_FIRST = 2,     /* first step of b: b = d (torch.optim.SGD's b_1 = d_1) */
+    MAS_NESTEROV = 4,
+    MAS_PROXIMAL = 8,  /* the penalty by its proximal map, not its gradient   */
+    MAS_DECAY = 16,    /* weight decay ≠ 0                                    */
+    MAS_DECOUPLED = 32,/* Adam: decoupled weight decay (AdamW), else L2 in d   */
+    MAS_LERP_END = 64, /* Adam: 1 − β1 ≥ 0.5, torch.lerp's other branch        */
+};
+
+/* LocalSgd's step (the math is in LocalSgd's docstring):
+ *   d = gsign*g [+ wd*θ] [+ coef*Ω*(θ − θ*)]        coef = 2λ: the gradient of Eq. 3's penalty
+ *   b = d (first step) or momentum*b + (1 − dampening)*d
+ *   θ = θ − lr*(d + momentum*b if nesterov else b)
+ *   [proximal: θ = θ* + (θ − θ*)/(1 + lr*coef*Ω), the proximal map of lr*λ*ΣΩ(θ − θ*)²]
+ * The flags are compile-time constants in each specialisation, so every loop vectorises. */
+#define MAS_SGD_LOOP(T, F)                                                                   \
+    do {                                                                                     \
+        for (int64_t i = 0; i < n; ++i) {                                                    \
+            T theta = p[i];                                                                  \
+            T d = gsign * g[i];                                                              \
+            if ((F) & MAS_DECAY) d += wd * theta;                                            \
+            if (!((F) & MAS_PROXIMAL)) d += coef * omega[i] * (theta - init[i]);             \
+            if ((F) & MAS_MOMENTUM) {                                                        \
+                T bi = ((F) & MAS_FIRST) ? d : momentum * b[i] + keep * d;                   \
+                b[i] = bi;                                                                   \
+                d = ((F) & MAS_NESTEROV) ? d + momentum * bi : bi;                           \
+            }                                                                                \
+            theta -= lr * d;                                                                 \
+            if ((F) & MAS_PROXIMAL)                                                          \
+                theta = init[i] + (theta - init[i]) / ((T)1 + lr_coef * omega[i]);           \
+            p[i] = theta;                                                                    \
+        }                                                                                    \
+    } while (0)
+
+#define MAS_CASE(T, F) case F: MAS_SGD_LOOP(T, F); return 0;
+#define MAS_CASES8(T, B) MAS_CASE(T, B + 0) MAS_CASE(T, B + 1) MAS_CASE(T, B + 2)              \
+    MAS_CASE(T, B + 3) MAS_CASE(T, B + 4) MAS_CASE(T, B + 5) MAS_CASE(T, B + 6) MAS_CASE(T, B + 7)
+
+#define MAS_SGD(T, NAME)                                                                     \
+    int32_t NAME(T *restrict p, const T *restrict g, T *restrict b, const T *restrict omega, \
+                 const T *restrict init, int64_t n, T lr, T momentum, T dampening, T wd,     \
+                 T coef, T gsign, int32_t flags) {                                           \
+        const T keep = (T)1 - dampening, lr_coef = lr * coef;                                \
+        switch (flags) {                                                                     \
+            MAS_CASES8(T, 0) MAS_CASES8(T, 8) MAS_CASES8(T, 16) MAS_CASES8(T, 24)            \
+        }                                                                                    \
+        return -1; /* unknown flags: nothing was written */                                  \
+    }
+
+/* The same update for k tensors in one call (one call per param group from Python).
+ * args holds 7 rows of k int64: addresses of θ, g, b, Ω, θ*, then element counts and flags;
+ * returns 0, or the first nonzero code of the single-tensor function (nothing after it ran). */
+#define MAS_SGD_MANY(T, NAME, ONE)                                                           \
+    int32_t NAME(int64_t k, const int64_t *args, T lr, T momentum, T dampening, T wd, T coef, \
+                 T gsign) {                                                                  \
+        for (int64_t j = 0; j < k; ++j) {                                                    \
+            int32_t code = ONE((T *)(intptr_t)args[j], (const T *)(intptr_t)args[k + j],     \
+                               (T *)(intptr_t)args[2 * k + j],                               \
+                               (const T *)(intptr_t)args[3 * k + j],                         \
+                               (const T *)(intptr_t)args[4 * k + j], args[5 * k + j], lr,    \
+                               momentum, dampening, wd, coef, gsign,                         \
+                               (int32_t)args[6 * k + j]);                                    \
+            if (code != 0) return code;                                                      \
+        }                                                                                    \
+        return 0;                                                                            \
+    }
+
+/* torch.optim.Adam / AdamW's single-tensor update (amsgrad off) on the penalised gradient,
+ * i.e. add_mas_penalty's pre-hook and the optimizer's step in one pass:
+ *   d = gsign*g + coef*Ω*(θ − θ*)                      (gsign = −1 for maximize)
+ *   AdamW: θ = θ*decay (decay = 1 − lr*wd)     Adam: d = d + wd*θ
+ *   m = lerp(m, d, w1)   (w1 = 1 − β1, both branches of torch.lerp)
+ *   v = β2*v + (1 − β2)*d*d
+ *   θ = θ + neg_step*m/(sqrt(v)/bc2_sqrt + eps)        (neg_step = −lr/(1 − β1^t))
+ */
+#define MAS_ADAM_LOOP(T, SQRT, F)                                                            \
+    do {                                                                                     \
+        for (int64_t i = 0; i < n; ++i) {                                                    \
+            T theta = p[i];                                                                  \
+            T d = gsign * g[i] + coef * omega[i] * (theta - init[i]);                        \
+            if ((F) & MAS_DECAY) {                                                           \
+                if ((F) & MAS_DECOUPLED) theta = theta * decay;                              \
+                else d = d + wd * theta;                                                     \
+            }                                                                                \
+            T mi = m[i];                                                                     \
+            mi = ((F) & MAS_LERP_END) ? d - (d - mi) * ((T)1 - w1) : mi + w1 * (d - mi);     \
+            T vi = v[i] * beta2 + (one_minus_beta2 * d) * d;                                 \
+            m[i] = mi;                                                                       \
+            v[i] = vi;                                                                       \
+            p[i] = theta + (neg_step * mi) / (SQRT(vi) / bc2_sqrt + eps);                    \
+        }                                                                                    \
+    } while (0)
+
+#define MAS_ADAM_CASE(T, SQRT, F) case F: MAS_ADAM_LOOP(T, SQRT, F); return 0;
+
+#define MAS_ADAM(T, SQRT, NAME)                                                              \
+    int32_t NAME(T *restrict p, const T *restrict g, T *restrict m, T *restrict v,          \
+                 const T *restrict omega, const T *restrict init, int64_t n, T coef,        \
+                 T gsign, T wd, T decay, T w1, T beta2, T one_minus_beta2, T eps,           \
+                 T neg_step, T bc2_sqrt, int32_t flags) {                                   \
+        switch (flags) {                                                                     \
+            MAS_ADAM_CASE(T, SQRT, 0) MAS_ADAM_CASE(T, SQRT, 16)                             \
+            MAS_ADAM_CASE(T, SQRT, 48) MAS_ADAM_CASE(T, SQRT, 64)                            \
+            MAS_ADAM_CASE(T, SQRT, 80) MAS_ADAM_CASE(T, SQRT, 112)                           \
+        }                                                                                    \
+        return -1;                                                                           \
+    }
+
+/* Adam for k tensors: args holds 8 rows of k int64 (addresses of θ, g, m, v, Ω, θ*, counts,
+ * flags) and steps 2 rows of k doubles (neg_step, bc2_sqrt: they depend on each tensor's
+ * step count). */
+#define MAS_ADAM_MANY(T, NAME, ONE)                                                          \
+    int32_t NAME(int64_t k, const int64_t *args, const double *steps, T coef, T gsign, T wd, \
+                 T decay, T w1, T beta2, T one_minus_beta2, T eps) {                        \
+        for (int64_t j = 0; j < k; ++j) {                                                    \
+            int32_t code = ONE(                                                              \
+                (T *)(intptr_t)args[j], (const T *)(intptr_t)args[k + j],                    \
+                (T *)(intptr_t)args[2 * k + j], (T *)(intptr_t)args[3 * k + j],              \
+                (const T *)(intptr_t)args[4 * k + j], (const T *)(intptr_t)args[5 * k + j],  \
+                args[6 * k + j], coef, gsign, wd, decay, w1, beta2, one_minus_beta2, eps,    \
+                (T)steps[j], (T)steps[k + j], (int32_t)args[7 * k + j]);                    \
+            if (code != 0) return code;                                                      \
+        }                                                                                    \
+        return 0;                                                                            \
+    }
+
+/* add_mas_penalty's gradient: g += coef*Ω*(θ − θ*), coef = ±2λ. */
+#define MAS_PENALTY(T, NAME)                                                                 \
+    void NAME(T *restrict g, const T *restrict p, const T *restrict omega,                  \
+              const T *restrict init, int64_t n, T coef) {                                   \
+        for (int64_t i = 0; i < n; ++i) g[i] += coef * omega[i] * (p[i] - init[i]);         \
+    }
+
+/* add_mas_penalty's gradient for k tensors: args holds 5 rows of k int64 (addresses of g, θ,
+ * Ω, θ*, then element counts). */
+#define MAS_PENALTY_MANY(T, NAME, ONE)                                                       \
+    void NAME(int64_t k, const int64_t *args, T coef) {                                      \
+        for (int64_t j = 0; j < k; ++j)                                                      \
+            ONE((T *)(intptr_t)args[j], (const T *)(intptr_t)args[k + j],                    \
+                (const T *)(intptr_t)args[2 * k + j], (const T *)(intptr_t)args[3 * k + j],  \
+                args[4 * k + j], coef);                                                      \
+    }
+
+MAS_SGD(float, mas_sgd_f32)
+MAS_SGD(double, mas_sgd_f64)
+MAS_SGD_MANY(float, mas_sgd_many_f32, mas_sgd_f32)
+MAS_SGD_MANY(double, mas_sgd_many_f64, mas_sgd_f64)
+MAS_PENALTY(float, mas_penalty_f32)
+MAS_PENALTY(double, mas_penalty_f64)
+MAS_PENALTY_MANY(float, mas_penalty_many_f32, mas_penalty_f32)
+MAS_PENALTY_MANY(double, mas_penalty_many_f64, mas_penalty_f64)
+MAS_ADAM(float, sqrtf, mas_adam_f32)
+MAS_ADAM(double, sqrt, mas_adam_f64)
+MAS_ADAM_MANY(float, mas_adam_many_f32, mas_adam_f32)
+MAS_ADAM_MANY(double, mas_adam_many_f64, mas_adam_f64)
+
+/* The interface version the loader checks, so a stale or foreign library is never called. */
+int32_t mas_kernels_abi(void) { return 2; }

@@ -1,0 +1,292 @@
+"""The one-pass C kernels (mas_optim/csrc/mas_kernels.c): the same numbers as the formula in
+float64, every tensor they can't take stepped another correct way, the build cached safely,
+and a machine without a compiler served by the eager path without a word."""
+
+import copy
+import os
+import shutil
+import stat
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mas_optim import LocalSgd, _kernels, add_mas_penalty
+from optim_reference import autograd_penalty, batches, make_mlp, random_reg_params, step
+
+
+def double(model):
+    return model.double()
+
+
+def run_pair(make_opt_ref, make_opt, n_steps=5, dtype=torch.float32, penalty_sign=1.0,
+             lam=0.7, skip=("2.bias",)):
+    ref, ours = make_mlp().to(dtype), make_mlp().to(dtype)
+    reg = {n: {k: v.to(dtype) for k, v in e.items()}
+           for n, e in random_reg_params(ref, skip=skip).items()}
+    opt_ref, opt = make_opt_ref(ref), make_opt(ours, copy.deepcopy(reg), lam)
+    for x, y in batches(n_steps):
+        x = x.to(dtype)
+        step(ref, opt_ref, x, y, lambda: penalty_sign * autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+    return ref, ours, opt
+
+
+SGD_HYPER = [
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.8, dampening=0.3),
+    dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.02),
+    dict(lr=0.05, weight_decay=0.05, maximize=True),
+]
+
+
+@pytest.mark.parametrize("hp", SGD_HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
+def test_float64_local_sgd_kernel_equals_autograd_to_double_precision(hp, kernel_calls):
+    ref, ours, _ = run_pair(
+        lambda m: torch.optim.SGD(m.parameters(), **hp),
+        lambda m, reg, lam: LocalSgd(m.named_parameters(), reg_params=reg, reg_lambda=lam, **hp),
+        dtype=torch.float64, penalty_sign=-1.0 if hp.get("maximize") else 1.0)
+    assert kernel_calls["sgd"]
+    for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("cls, hp", [
+    (torch.optim.Adam, dict(lr=0.01)),
+    (torch.optim.Adam, dict(lr=0.01, weight_decay=0.05, betas=(0.3, 0.99))),
+    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
+    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05, maximize=True)),
+    (torch.optim.Adam, dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True)),
+], ids=["adam", "adam-l2-low-beta1", "adamw", "adamw-maximize", "adam-decoupled"])
+def test_float64_adam_kernel_equals_autograd_to_double_precision(cls, hp, kernel_calls):
+    ref, ours, opt = run_pair(
+        lambda m: cls(m.parameters(), **hp),
+        lambda m, reg, lam: _with_penalty(cls(m.named_parameters(), **hp), reg, lam),
+        dtype=torch.float64, penalty_sign=-1.0 if hp.get("maximize") else 1.0)
+    assert kernel_calls["adam"]
+    for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=n)
+
+
+def _with_penalty(opt, reg, lam, **options):
+    add_mas_penalty(opt, reg, reg_lambda=lam, **options)
+    return opt
+
+
+def test_adam_kernel_state_is_torchs_and_torch_continues_from_it(kernel_calls):
+    """Three penalised steps by the kernel, then the penalty removed: torch's own AdamW step
+    continues from the state the kernel left, as from its own."""
+    lam, hp = 0.7, dict(lr=0.01, weight_decay=0.05)
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref)
+    opt_ref = torch.optim.AdamW(ref.parameters(), **hp)
+    opt = torch.optim.AdamW(ours.named_parameters(), **hp)
+    mas = add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam)
+    data = batches(5)
+    for x, y in data[:3]:
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+    assert kernel_calls["adam"]
+    ref_state, state = opt_ref.state_dict()["state"], opt.state_dict()["state"]
+    for i in ref_state:
+        assert ref_state[i].keys() == state[i].keys()
+        for k in ref_state[i]:
+            assert state[i][k].dtype == ref_state[i][k].dtype, k
+            torch.testing.assert_close(state[i][k], ref_state[i][k], rtol=0, atol=1e-6)
+    mas.remove()
+    for x, y in data[3:]:
+        step(ref, opt_ref, x, y)
+        step(ours, opt, x, y)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_gradients_are_the_task_gradients_again_after_the_adam_kernel_step(kernel_calls):
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    add_mas_penalty(opt, random_reg_params(model), reg_lambda=0.7)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    task = [p.grad.clone() for p in model.parameters()]
+    seen = []
+    opt.register_step_post_hook(lambda o, a, k: seen.append([p.grad for p in model.parameters()]))
+    opt.step()
+    assert kernel_calls["adam"]
+    assert all(g is not None for g in seen[0])  # a later post-hook sees them too
+    for p, g in zip(model.parameters(), task):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("cls, hp", [
+    (torch.optim.LBFGS, dict(lr=0.5, max_iter=4, history_size=3)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+    (torch.optim.AdamW, dict(lr=0.01)),
+], ids=["lbfgs", "sgd", "adamw"])
+def test_step_with_closure_penalises_inside_the_closure(cls, hp):
+    """The closure computes the gradient inside step(), after the pre-hook: the penalty must
+    go into it (and into the loss LBFGS's line search compares)."""
+    lam = 0.7
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref)
+    opt_ref = cls(ref.parameters(), **hp)
+    opt = cls(ours.named_parameters(), **hp)
+    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam)
+    losses = []
+    for x, y in batches(3):
+        def closure_ref():
+            opt_ref.zero_grad()
+            loss = nn.functional.cross_entropy(ref(x), y) + autograd_penalty(ref, reg, lam)
+            loss.backward()
+            return loss
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(ours(x), y)
+            loss.backward()
+            return loss
+
+        losses.append((opt_ref.step(closure_ref).item(), opt.step(closure).item()))
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for want, got in losses:
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_tensors_the_kernel_cannot_take_are_stepped_eagerly(kernel_calls):
+    """A transposed (non-contiguous) weight and a θ* that is the parameter itself: both still
+    get the exact update, by the eager path."""
+    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
+    ref, ours = make_mlp(), make_mlp()
+    for m in (ref, ours):
+        m[0].weight = nn.Parameter(m[0].weight.detach().t().contiguous().t())
+    assert not ours[0].weight.is_contiguous()
+    reg = random_reg_params(ref)
+    reg_ours = copy.deepcopy(reg)
+    reg_ours["2.weight"]["init_val"] = ours[2].weight  # θ* moves with θ: no penalty
+    reg["2.weight"]["omega"] = torch.zeros_like(reg["2.weight"]["omega"])
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=reg_ours, reg_lambda=lam, **hp)
+    for x, y in batches(4):
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+    assert set(kernel_calls["sgd"]) == {2}  # 0.bias and 2.bias only
+    for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("which", ["local_sgd", "penalty"])
+def test_two_threads_give_exactly_what_one_gives(which, kernel_calls):
+    """A tensor above the threading threshold is cut into slices run at once."""
+    big = 2 * 2 * _kernels._PER_THREAD + 5
+
+    def run(threads):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(big // 5, 5, bias=False))
+        reg = random_reg_params(model)
+        if which == "local_sgd":
+            opt = LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=0.7, lr=0.05,
+                           momentum=0.9)
+        else:
+            opt = _with_penalty(torch.optim.SGD(model.named_parameters(), lr=0.05), reg, 0.7)
+        before = torch.get_num_threads()
+        g = torch.Generator().manual_seed(1)
+        try:
+            for _ in range(3):
+                torch.set_num_threads(1)  # the same gradients in both runs
+                opt.zero_grad()
+                model(torch.randn(4, big // 5, generator=g)).square().sum().backward()
+                torch.set_num_threads(threads)
+                opt.step()
+        finally:
+            torch.set_num_threads(before)
+        return model[0].weight.detach()
+
+    assert torch.equal(run(1), run(2))
+    assert kernel_calls["sgd" if which == "local_sgd" else "penalty"]
+
+
+def test_unknown_flags_are_refused_not_ignored():
+    kernels = _kernels.load()
+    if kernels is None:
+        pytest.skip(_kernels.reason())
+    t = [torch.zeros(4) for _ in range(5)]
+    rows = [[x.data_ptr()] for x in t] + [[4], [128]]
+    with pytest.raises(RuntimeError, match="unknown flags"):
+        kernels.sgd(torch.float32, rows, (0.1, 0.0, 0.0, 0.0, 1.0, 1.0))
+
+
+def test_fits_refuses_aliases_other_dtypes_and_strides():
+    a, b = torch.zeros(6), torch.zeros(6)
+    assert _kernels.fits(a, b)
+    assert not _kernels.fits(a, a)
+    assert not _kernels.fits(a, b.double())
+    assert not _kernels.fits(a.bfloat16(), b.bfloat16())
+    assert not _kernels.fits(torch.zeros(3, 2).t(), torch.zeros(2, 3))
+
+
+# ------------------------------------------------------------------ build and cache
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty cache folder; load() forgets what this process built."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MAS_OPTIM_CACHE_DIR", str(cache))
+    _kernels._loaded.cache_clear()
+    yield cache
+    _kernels._loaded.cache_clear()
+
+
+def test_library_is_built_once_into_a_private_cache_and_reused(fresh_build):
+    kernels = _kernels.load()
+    assert kernels is not None, _kernels.reason()
+    assert kernels.path.parent == fresh_build
+    assert stat.S_IMODE(fresh_build.stat().st_mode) & 0o077 == 0
+    built = kernels.path.stat().st_mtime_ns
+    _kernels._loaded.cache_clear()
+    assert _kernels.load().path == kernels.path
+    assert kernels.path.stat().st_mtime_ns == built
+
+
+def test_damaged_library_in_the_cache_is_rebuilt_not_loaded(fresh_build):
+    """As after a crash or a full disk in another process (this one never loaded it)."""
+    fresh_build.mkdir(mode=0o700)
+    path = fresh_build / _kernels._library_name(shutil.which(os.environ.get("CC") or "cc"))
+    path.write_bytes(b"\x7fELF not really")
+    path.chmod(0o700)
+    kernels = _kernels.load()
+    assert kernels is not None and kernels.path == path
+    assert path.read_bytes()[:4] == b"\x7fELF" and path.stat().st_size > 1000
+
+
+def test_cache_others_can_write_is_not_trusted(fresh_build):
+    fresh_build.mkdir(mode=0o700)
+    os.chmod(fresh_build, 0o777)
+    kernels = _kernels.load()
+    assert kernels is not None
+    assert kernels.path.parent != fresh_build
+    assert not list(fresh_build.iterdir())
+
+
+def test_without_a_compiler_the_default_step_is_eager_and_silent(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
+    assert _kernels.load() is None
+    assert "no C compiler" in _kernels.reason()
+    hp = dict(lr=0.05, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref, ours, _ = run_pair(
+            lambda m: torch.optim.SGD(m.parameters(), **hp),
+            lambda m, reg, lam: LocalSgd(m.named_parameters(), reg_params=reg, reg_lambda=lam,
+                                         **hp))
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_compiler_that_fails_is_named_in_the_reason(fresh_build, monkeypatch):
+    fake = fresh_build.parent / "fake-cc"
+    fake.write_text("#!/bin/sh\necho 'fake-cc: error: out of disk' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert _kernels.load() is None
+    assert "fake-cc: error: out of disk" in _kernels.reason()
