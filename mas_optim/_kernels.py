@@ -70,7 +70,7 @@ class Kernels:
             adam_many.argtypes, adam_many.restype = [i64, rows, rows] + [real] * 8, i32
             self._fns[dtype] = (one, many, pen, pen_many, adam, adam_many)
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._workers = 0
+        self._workers, self._pid = 0, os.getpid()
 
     def sgd(self, dtype: torch.dtype, rows: Sequence[List[int]],
             scalars: Tuple[float, ...]) -> None:
@@ -120,9 +120,9 @@ class Kernels:
             if k <= 1:
                 left.append(j)
                 continue
-            if self._workers < k:
+            if self._workers < k or self._pid != os.getpid():  # a forked child has no threads
                 self._pool = ThreadPoolExecutor(k, thread_name_prefix="mas_kernels")
-                self._workers = k
+                self._workers, self._pid = k, os.getpid()
             step = -(-n // k)
             step += -step % 16  # slices start on 64-byte boundaries
             futures = [self._pool.submit(

@@ -132,7 +132,7 @@ class MasPlugin(SupervisedPlugin):
             raise ValueError(f"MasPlugin(reg_lambda=...) is needed for {type(opt).__name__} "
                              "(LocalSgd takes its own reg_lambda)")
         attached = (self._penalty is not None and self._penalty.optimizer is opt
-                    and self._penalty._handle.id in opt._optimizer_step_pre_hooks)
+                    and self._penalty.attached)
         if attached:
             self._penalty.reg_params = self.reg_params
         else:

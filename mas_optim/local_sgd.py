@@ -57,14 +57,20 @@ class LocalSgd(torch.optim.SGD):
     w ← w − g ⊙ Δθ at every step (g: the task gradient, Δθ: the change the step made); see
     :meth:`path_integral_omega`.
 
-    Three implementations of the same update, chosen like torch's SGD chooses:
-    ``fused=True`` runs one ``torch.compile``'d pass per parameter that reads θ, g, b, Ω, θ*
-    once (and torch's fused SGD for unregularised parameters); if ``torch.compile`` cannot
-    build it (no C++ compiler, say) one warning says so and the step falls back. ``foreach``
-    (the default on CUDA) runs the multi-tensor ``torch._foreach_*`` kernels; otherwise one
-    parameter at a time, in cache-sized slices on the CPU. The non-fused paths keep 2λΩ and
-    2λΩθ* per regularised parameter (``cache_penalty=True``: fewer passes, two tensors of each
-    parameter's size); ``cache_penalty=False`` or ``fused=True`` hold neither.
+    Implementations of the same update, chosen like torch's SGD chooses its own:
+
+    * **C kernel** (the default on the CPU): one pass per parameter that reads θ, g, b, Ω and θ*
+      once and writes θ and b once (``csrc/mas_kernels.c``; the eager step takes five passes),
+      and holds no memory beyond SGD's. It is built at first use with the system's C compiler
+      and cached (see :mod:`mas_optim._kernels`); where none works, or for a tensor it can't
+      take (not float32/float64, not contiguous, sharing memory with another), the step is
+      the eager one below, with the same result.
+    * ``foreach`` (the default on CUDA): torch's multi-tensor ``_foreach_*`` kernels.
+    * ``fused=True`` off the CPU (or without the C kernel): one ``torch.compile``'d pass per
+      parameter; if nothing can be built, one warning and the eager step.
+    * ``fused=False``: the eager step, one parameter at a time (in cache-sized slices on the
+      CPU). It keeps 2λΩ and 2λΩθ* per regularised parameter (``cache_penalty=True``: two
+      tensors of the parameter's size, one pass less); ``cache_penalty=False`` holds neither.
 
     Args:
         params: ``model.named_parameters()``, or param groups whose ``"params"`` are
@@ -75,10 +81,11 @@ class LocalSgd(torch.optim.SGD):
         reg_lambda: λ of Eq. 3 (the paper's; Avalanche's ``lambda_reg`` is 2λ). Per group. Any
             real scalar ≥ 0 (Python, numpy, a 0-dim tensor); a string is refused.
         lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, fused: as in
-            torch.optim.SGD (``fused``: see above). ``differentiable=True`` is refused.
+            torch.optim.SGD (``foreach``/``fused``: see above; ``fused=None`` takes the C
+            kernel on the CPU). ``differentiable=True`` is refused.
         proximal: apply the penalty by its proximal map instead of its gradient.
         track_path_integral: accumulate the SI path integral for :meth:`path_integral_omega`.
-        cache_penalty: keep 2λΩ and 2λΩθ* between steps on the non-fused paths.
+        cache_penalty: keep 2λΩ and 2λΩθ* between steps on the eager and foreach paths.
     """
 
     def __init__(

@@ -7,8 +7,10 @@ penalty to each regularised parameter's ``.grad`` just before the optimizer's ow
     g \leftarrow g + 2\lambda\,\Omega\odot(\theta - \theta^*) ,
 
 so any optimizer then steps on the gradient of :math:`L_{task} + \lambda\sum\Omega(\theta -
-\theta^*)^2` without the penalty ever entering the autograd graph. (For SGD, :class:`LocalSgd`
-does the same inside a fused update and is faster.) Example::
+\theta^*)^2` without the penalty ever entering the autograd graph. On the CPU, a one-pass C
+kernel adds it; for ``torch.optim.Adam``/``AdamW`` in their default (single-tensor) form the
+kernel runs the penalty and the whole Adam update in one pass. (For SGD, :class:`LocalSgd` does
+the same.) Example::
 
     opt = torch.optim.AdamW(model.named_parameters(), lr=1e-4, weight_decay=0.01)
     mas = mas_optim.add_mas_penalty(opt, reg_params, reg_lambda=1.0)
@@ -80,6 +82,13 @@ class MasPenalty:
         check_reg_params(reg_params, dict(self._named_params()))
         self._reg_params = reg_params
         self._cache = {}
+
+    @property
+    def attached(self) -> bool:
+        """Whether the penalty still acts on :attr:`optimizer` (False after :meth:`remove`)."""
+        handle = self._handles[0]
+        hooks = handle.hooks_dict_ref()
+        return hooks is not None and handle.id in hooks
 
     def remove(self) -> None:
         """Detach the penalty: the optimizer steps on the task gradient alone again."""
@@ -325,12 +334,25 @@ def add_mas_penalty(
 
     A step pre-hook adds 2λΩ(θ − θ*) to ``.grad`` of every regularised parameter, so the
     optimizer's step equals its step on ``loss + λ Σ Ω (θ − θ*)²`` through autograd (for
-    ``maximize=True`` groups the penalty is still descended). The optimizer's state dict is
-    untouched (a group may set its own ``"reg_lambda"``, which is then saved with it). Hooks are
-    not pickled by torch: after ``copy.deepcopy``/``pickle`` of the optimizer, attach again.
+    ``maximize=True`` groups the penalty is still descended). With ``step(closure)`` (LBFGS)
+    the penalty is added inside the closure, after it computed the gradient, and its value to
+    the loss the closure returns. The optimizer's state dict is untouched (a group may set its
+    own ``"reg_lambda"``, which is then saved with it). Hooks are not pickled by torch: after
+    ``copy.deepcopy``/``pickle`` of the optimizer, attach again.
 
     The penalty is added when ``step()`` runs, after any gradient clipping (and after
-    ``GradScaler.unscale_``): clipping sees the task gradient only.
+    ``GradScaler.unscale_``): clipping sees the task gradient only. After the step, ``.grad``
+    holds the task gradient plus the penalty, except where the Adam kernel ran (below): there
+    it is the task gradient, as the kernel never writes it.
+
+    How it is added, on the CPU: by default (``fused=None``) with the one-pass C kernel of
+    ``csrc/mas_kernels.c`` (reads g, θ, Ω, θ* once; built at first use, eager where no C
+    compiler works or a tensor doesn't fit it). For ``torch.optim.Adam``/``AdamW`` of exactly
+    that class, without amsgrad/foreach/fused/capturable/differentiable, the kernel does the
+    penalty *and* torch's single-tensor Adam update in one pass for the regularised
+    parameters, keeping the optimizer's state as torch keeps it, and hides their gradients
+    from the optimizer's own step (its other parameters step as usual). The result equals
+    torch's step on the penalised gradient to rounding (tested at 1e-12 in float64).
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; its parameters are matched to ``reg_params``
@@ -343,14 +365,15 @@ def add_mas_penalty(
             θ ← θ* + (θ − θ*)/(1 + 2·lr·λ·Ω) after each step. Defined only for
             ``torch.optim.SGD`` (a step of θ − lr·d); refused for adaptive optimizers, whose
             per-coordinate step sizes make this map something else.
-        cache_penalty: keep 2λΩ and 2λΩθ* per parameter (two tensors of its size) for one pass
-            less per step; off by default, so the penalty costs no memory beyond reg_params.
+        cache_penalty: on the eager paths, keep 2λΩ and 2λΩθ* per parameter (two tensors of
+            its size) for one pass less per step; off by default, so the penalty costs no
+            memory beyond reg_params.
         foreach: add the penalty with torch's multi-tensor kernels (default: on CUDA, as torch's
-            optimizers choose); otherwise one parameter at a time, in cache-sized slices on
-            the CPU.
-        fused: add the penalty in one ``torch.compile``'d pass per parameter (reads g, θ, Ω,
-            θ* once, no temporary); compiled at the first step, and where that fails (no C++
-            compiler, say) one warning and the unfused path.
+            optimizers choose); otherwise one parameter at a time.
+        fused: ``None`` (default): the C kernel on the CPU; ``True``: also, off the CPU (or
+            without the C kernel), one ``torch.compile``'d pass per parameter (compiled at the
+            first step; where that fails, one warning and the eager path); ``False``: the eager
+            path only.
 
     Returns:
         a :class:`MasPenalty`; ``.remove()`` detaches it, ``.penalty()`` gives its value.

@@ -112,7 +112,10 @@ def test_remove_detaches_the_penalty():
     plain, ours = make_mlp(), make_mlp()
     opt_plain = torch.optim.Adam(plain.parameters(), lr=0.01)
     opt = torch.optim.Adam(ours.named_parameters(), lr=0.01)
-    add_mas_penalty(opt, random_reg_params(ours), reg_lambda=5.0).remove()
+    mas = add_mas_penalty(opt, random_reg_params(ours), reg_lambda=5.0)
+    assert mas.attached
+    mas.remove()
+    assert not mas.attached
     for x, y in batches(3):
         step(plain, opt_plain, x, y)
         step(ours, opt, x, y)

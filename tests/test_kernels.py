@@ -5,6 +5,7 @@ and a machine without a compiler served by the eager path without a word."""
 import copy
 import os
 import shutil
+import signal
 import stat
 import warnings
 
@@ -290,3 +291,27 @@ def test_a_compiler_that_fails_is_named_in_the_reason(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", str(fake))
     assert _kernels.load() is None
     assert "fake-cc: error: out of disk" in _kernels.reason()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_threaded_slices_still_run_in_a_forked_child(kernel_calls):
+    """A forked process (a DataLoader worker, multiprocessing's fork) has none of the parent's
+    threads: the kernel must not wait on them."""
+    big = 2 * 2 * _kernels._PER_THREAD
+    model = nn.Linear(big // 4, 4, bias=False)
+    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model),
+                   reg_lambda=0.7, lr=0.05)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model(torch.randn(2, big // 4)).sum().backward()
+        opt.step()  # the parent starts its threads
+        pid = os.fork()
+        if pid == 0:  # the child: step again, exit 0 if it returns
+            signal.alarm(20)
+            opt.step()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(before)
+    assert os.waitstatus_to_exitcode(status) == 0
