@@ -8,8 +8,8 @@ are timed too: through autograd in the loss (Avalanche, FACIL) and a Python loop
 parameters that adds 2λΩ(θ−θ*) to .grad before SGD. Then the same for AdamW: the penalty
 attached by mas_optim.add_mas_penalty against plain torch.optim.AdamW.
 
-CPU, one thread, medians of paired repeats (each repeat times baseline and candidate back to
-back, in alternating order). Run:  python benchmarks/bench_step.py
+CPU, one thread (``--threads N`` for more), medians of paired repeats (each repeat times
+baseline and candidate back to back, in alternating order). Run:  python benchmarks/bench_step.py
 """
 from __future__ import annotations
 
@@ -134,6 +134,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="paired repeats (default 15)")
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     main(3 if args.quick else args.repeats)

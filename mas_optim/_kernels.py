@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).parent / "csrc" / "mas_kernels.c"
-_ABI = 2
+_ABI = 3
 # ISO C: no contraction into fused multiply-adds, so each operation rounds like torch's.
 _FLAGS = ("-O3", "-std=c99", "-fno-math-errno", "-shared", "-fPIC")
 # Below this many elements per thread a second thread costs more than it saves.
@@ -59,50 +59,66 @@ class Kernels:
             one = getattr(lib, f"mas_sgd_{suffix}")
             one.argtypes, one.restype = [ptr] * 5 + [i64] + [real] * 6 + [i32], i32
             many = getattr(lib, f"mas_sgd_many_{suffix}")
-            many.argtypes, many.restype = [i64, rows] + [real] * 6, i32
+            many.argtypes, many.restype = [i64, rows, i32] + [real] * 6, i32
             pen = getattr(lib, f"mas_penalty_{suffix}")
             pen.argtypes, pen.restype = [ptr] * 4 + [i64, real], None
             pen_many = getattr(lib, f"mas_penalty_many_{suffix}")
-            pen_many.argtypes, pen_many.restype = [i64, rows, real], None
+            pen_many.argtypes, pen_many.restype = [i64, rows, i32, real], None
             adam = getattr(lib, f"mas_adam_{suffix}")
             adam.argtypes, adam.restype = [ptr] * 6 + [i64] + [real] * 10 + [i32], i32
             adam_many = getattr(lib, f"mas_adam_many_{suffix}")
-            adam_many.argtypes, adam_many.restype = [i64, rows, rows] + [real] * 8, i32
+            adam_many.argtypes, adam_many.restype = [i64, rows, rows, i32] + [real] * 8, i32
             self._fns[dtype] = (one, many, pen, pen_many, adam, adam_many)
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._workers, self._pid = 0, os.getpid()
+        self._workers, self._pid, self._pool_pid = 0, os.getpid(), os.getpid()
+        # Slices on torch's own OpenMP team (see mas_kernels.c), else on this module's threads.
+        self.openmp = bool(lib.mas_kernels_openmp()) and _one_openmp_runtime()
 
-    def sgd(self, dtype: torch.dtype, rows: Sequence[List[int]],
+    def sgd(self, dtype: torch.dtype, rows: Sequence[Sequence[int]],
             scalars: Tuple[float, ...]) -> None:
         """LocalSgd's update, in place, of the tensors whose addresses are in ``rows``: θ, g,
         b (0 without momentum), Ω, θ*, element counts, flags; ``scalars`` = (lr, momentum,
         dampening, weight_decay, coef, gsign). See ``mas_kernels.c``."""
         one, many = self._fns[dtype][:2]
+        if self.openmp:
+            _check(many(len(rows[0]), _int64s(rows), self._omp_threads(), *scalars))
+            return
         left = self._split_large(rows, 5, dtype, lambda at, n, j: _check(
             one(*at, n, *scalars, rows[6][j])))
         if left:
-            _check(many(len(left), _int64s([[row[j] for j in left] for row in rows]), *scalars))
+            _check(many(len(left), _int64s(_pick(rows, left)), 1, *scalars))
 
-    def penalty(self, dtype: torch.dtype, rows: Sequence[List[int]], coef: float) -> None:
+    def penalty(self, dtype: torch.dtype, rows: Sequence[Sequence[int]], coef: float) -> None:
         """``g += coef·Ω(θ − θ*)`` in place; ``rows``: addresses of g, θ, Ω, θ*, counts."""
         one, many = self._fns[dtype][2:4]
+        if self.openmp:
+            many(len(rows[0]), _int64s(rows), self._omp_threads(), coef)
+            return
         left = self._split_large(rows, 4, dtype, lambda at, n, j: one(*at, n, coef))
         if left:
-            many(len(left), _int64s([[row[j] for j in left] for row in rows]), coef)
+            many(len(left), _int64s(_pick(rows, left)), 1, coef)
 
-    def adam(self, dtype: torch.dtype, rows: Sequence[List[int]], steps: Sequence[List[float]],
-             scalars: Tuple[float, ...]) -> None:
+    def adam(self, dtype: torch.dtype, rows: Sequence[Sequence[int]],
+             steps: Sequence[Sequence[float]], scalars: Tuple[float, ...]) -> None:
         """Adam/AdamW on the penalised gradient, in place: ``rows`` are addresses of θ, g, m,
         v, Ω, θ*, then counts and flags; ``steps`` the per-tensor (−lr/(1 − β1^t),
         sqrt(1 − β2^t)); ``scalars`` = (coef, gsign, wd, 1 − lr·wd, 1 − β1, β2, 1 − β2, eps).
         See ``mas_kernels.c``."""
         one, many = self._fns[dtype][4:6]
-        left = self._split_large(rows, 6, dtype, lambda at, n, j: _check(
-            one(*at, n, *scalars, steps[0][j], steps[1][j], rows[7][j])))
+        if self.openmp:
+            left, threads = list(range(len(rows[0]))), self._omp_threads()
+        else:
+            left, threads = self._split_large(rows, 6, dtype, lambda at, n, j: _check(
+                one(*at, n, *scalars, steps[0][j], steps[1][j], rows[7][j]))), 1
         if left:
-            flat = [v for row in steps for v in (row[j] for j in left)]
-            _check(many(len(left), _int64s([[row[j] for j in left] for row in rows]),
-                        (ctypes.c_double * len(flat))(*flat), *scalars))
+            flat = [v for row in _pick(steps, left) for v in row]
+            _check(many(len(left), _int64s(_pick(rows, left)),
+                        (ctypes.c_double * len(flat))(*flat), threads, *scalars))
+
+    def _omp_threads(self) -> int:
+        # libgomp's team does not survive fork(): a forked child (where torch's own parallel
+        # ops hang) runs the slices one after the other.
+        return torch.get_num_threads() if os.getpid() == self._pid else 1
 
     def _split_large(self, rows: Sequence[List[int]], n_addr: int, dtype: torch.dtype,
                      call) -> List[int]:
@@ -120,9 +136,9 @@ class Kernels:
             if k <= 1:
                 left.append(j)
                 continue
-            if self._workers < k or self._pid != os.getpid():  # a forked child has no threads
+            if self._workers < k or self._pool_pid != os.getpid():  # a forked child has none
                 self._pool = ThreadPoolExecutor(k, thread_name_prefix="mas_kernels")
-                self._workers, self._pid = k, os.getpid()
+                self._workers, self._pool_pid = k, os.getpid()
             step = -(-n // k)
             step += -step % 16  # slices start on 64-byte boundaries
             futures = [self._pool.submit(
@@ -133,7 +149,13 @@ class Kernels:
         return left
 
 
-def _int64s(rows: Sequence[List[int]]) -> "ctypes.Array":
+def _pick(rows: Sequence[Sequence], columns: List[int]) -> Sequence[Sequence]:
+    if len(columns) == len(rows[0]):
+        return rows
+    return [[row[j] for j in columns] for row in rows]
+
+
+def _int64s(rows: Sequence[Sequence[int]]) -> "ctypes.Array":
     flat = [v for row in rows for v in row]
     return (ctypes.c_int64 * len(flat))(*flat)
 
@@ -187,7 +209,24 @@ def _load() -> Kernels:
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None:
         raise _Unavailable(f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH")
-    name = _library_name(compiler)
+    failure: Optional[_Unavailable] = None
+    for flags in _variants():
+        try:
+            return _load_built(compiler, flags)
+        except _Unavailable as e:
+            failure = failure or e
+    assert failure is not None
+    raise failure
+
+
+def _variants() -> List[Tuple[str, ...]]:
+    """Compiler flags to try in order: with OpenMP only where torch runs on GNU's
+    libgomp.so.1, which the library then shares."""
+    return [(*_FLAGS, "-fopenmp"), _FLAGS] if _one_openmp_runtime() else [_FLAGS]
+
+
+def _load_built(compiler: str, flags: Sequence[str]) -> Kernels:
+    name = _library_name(compiler, flags)
     cache = _cache_dir()
     if cache is not None:
         path = cache / name
@@ -199,20 +238,38 @@ def _load() -> Kernels:
     else:
         folder = Path(tempfile.mkdtemp(prefix="mas_kernels-"))
         path = folder / name
-    _build(compiler, folder, path)
+    _build(compiler, flags, folder, path)
     lib = _open(path)
     if lib is None:
         raise _Unavailable(f"the built library {path} does not load")
     return Kernels(lib, path)
 
 
-def _library_name(compiler: str) -> str:
+def _library_name(compiler: str, flags: Sequence[str]) -> str:
     """A name that changes with the source, the compiler, its flags and the machine."""
     version = (_run([compiler, "--version"]).splitlines() or [""])[0]
     key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), compiler.encode(), version.encode(),
-                                     " ".join(_FLAGS).encode(), platform.machine().encode(),
+                                     " ".join(flags).encode(), platform.machine().encode(),
                                      str(_ABI).encode()])).hexdigest()[:16]
     return f"mas_kernels-{key}.so"
+
+
+def _openmp_runtimes() -> List[str]:
+    """The OpenMP runtimes mapped into this process (Linux; [] where that can't be read)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp",
+                                                                      "libomp")))
+
+
+def _one_openmp_runtime() -> bool:
+    """True when the only OpenMP runtime loaded is GNU's libgomp.so.1 (torch's): the kernels'
+    OpenMP calls then bind to torch's own runtime and share its threads."""
+    runtimes = _openmp_runtimes()
+    return len(runtimes) == 1 and os.path.basename(runtimes[0]) == "libgomp.so.1"
 
 
 def _run(cmd: List[str]) -> str:
@@ -223,11 +280,11 @@ def _run(cmd: List[str]) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
-def _build(compiler: str, folder: Path, path: Path) -> None:
+def _build(compiler: str, flags: Sequence[str], folder: Path, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
+        done = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             detail = (done.stderr or done.stdout).strip().splitlines()

@@ -336,7 +336,7 @@ class LocalSgd(torch.optim.SGD):
                  | (_kernels.DECAY if wd != 0 else 0))
         scalars = (lr, momentum, group["dampening"], wd, coef,
                    -1.0 if group["maximize"] else 1.0)
-        by_dtype: Dict[torch.dtype, List[List[int]]] = {}
+        by_dtype: Dict[torch.dtype, List[Tuple[int, ...]]] = {}
         for p, lp, lg, buf, t in items:
             b_ptr, first = 0, 0
             if momentum != 0:
@@ -345,19 +345,15 @@ class LocalSgd(torch.optim.SGD):
                         p, memory_format=torch.contiguous_format)
                     first = _kernels.FIRST
                 b_ptr = local(buf).data_ptr()
-            rows = by_dtype.get(lp.dtype)
-            if rows is None:
-                rows = by_dtype[lp.dtype] = [[], [], [], [], [], [], []]
             ptrs = t.kernel_ptrs
-            rows[0].append(ptrs[0])
-            rows[1].append(lg.data_ptr())
-            rows[2].append(b_ptr)
-            rows[3].append(ptrs[1])
-            rows[4].append(ptrs[2])
-            rows[5].append(lp.numel())
-            rows[6].append(flags | first)
-        for dtype, rows in by_dtype.items():
-            kernels.sgd(dtype, rows, scalars)
+            entry = (ptrs[0], lg.data_ptr(), b_ptr, ptrs[1], ptrs[2], lp.numel(), flags | first)
+            entries = by_dtype.get(lp.dtype)
+            if entries is None:
+                by_dtype[lp.dtype] = [entry]
+            else:
+                entries.append(entry)
+        for dtype, entries in by_dtype.items():
+            kernels.sgd(dtype, list(zip(*entries)), scalars)
 
     def _penalised_sgd(self, group: dict, params: List[Tensor], terms: List["_Terms"],
                        lr: float) -> None:
@@ -490,7 +486,7 @@ class _Terms:
     gradient 2λΩ(θ − θ*) = slope·θ − offset then costs one fused multiply-add per pass."""
 
     __slots__ = ("key", "omega", "init", "coef", "slope", "offset", "kernel_ptrs", "_fits",
-                 "_state")
+                 "_state", "_omega", "_init")
 
     def __init__(self, key: tuple, omega: Tensor, init: Tensor, coef: float,
                  cache: bool) -> None:
@@ -502,27 +498,39 @@ class _Terms:
         self.kernel_ptrs: Tuple[int, ...] = ()  # addresses of θ, Ω, θ* when last checked
         self._fits = False
         self._state: Tuple[Tensor, ...] = ()
+        self._omega, self._init = local(omega), local(init)  # this rank's shards
 
     def fit_kernels(self, p: Tensor, g: Tensor, *state: Tensor) -> bool:
         """Whether the C kernels can update local tensors ``p`` (θ), ``g`` and the optimizer's
         ``state`` tensors (a momentum buffer, Adam's moments) with this Ω and θ* (see
         :func:`_kernels.fits`). The full check runs when a tensor's memory moved (``.data``
         reassigned, new state); each step checks the addresses and ``g``."""
-        omega, init = local(self.omega), local(self.init)
-        ptrs = (p.data_ptr(), omega.data_ptr(), init.data_ptr())
+        ptrs = (p.data_ptr(), self._omega.data_ptr(), self._init.data_ptr())
         if ptrs != self.kernel_ptrs:
             self.kernel_ptrs, self._state = ptrs, ()
-            self._fits = _kernels.fits(p, omega, init)
+            self._fits = _kernels.fits(p, self._omega, self._init)
         if not self._fits:
             return False
-        if state and (len(state) != len(self._state)
-                      or any(a is not b for a, b in zip(state, self._state))):
-            if not _kernels.fits(p, omega, init, *state):
+        known = self._state
+        same = len(state) == len(known)
+        if same:
+            for a, b in zip(state, known):
+                if a is not b:
+                    same = False
+                    break
+        if not same:
+            if not _kernels.fits(p, self._omega, self._init, *state):
                 return False
             self._state = state
+        if not g.is_contiguous():
+            return False
         gp = g.data_ptr()
-        return (g.is_contiguous() and gp not in ptrs
-                and all(gp != s.data_ptr() for s in state))
+        if gp in ptrs:
+            return False
+        for s in state:
+            if gp == s.data_ptr():
+                return False
+        return True
 
 
 # ---------------------------------------------------------------------- functional core

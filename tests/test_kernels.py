@@ -252,7 +252,8 @@ def test_library_is_built_once_into_a_private_cache_and_reused(fresh_build):
 def test_damaged_library_in_the_cache_is_rebuilt_not_loaded(fresh_build):
     """As after a crash or a full disk in another process (this one never loaded it)."""
     fresh_build.mkdir(mode=0o700)
-    path = fresh_build / _kernels._library_name(shutil.which(os.environ.get("CC") or "cc"))
+    path = fresh_build / _kernels._library_name(shutil.which(os.environ.get("CC") or "cc"),
+                                                _kernels._variants()[0])
     path.write_bytes(b"\x7fELF not really")
     path.chmod(0o700)
     kernels = _kernels.load()
@@ -294,9 +295,15 @@ def test_a_compiler_that_fails_is_named_in_the_reason(fresh_build, monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_threaded_slices_still_run_in_a_forked_child(kernel_calls):
-    """A forked process (a DataLoader worker, multiprocessing's fork) has none of the parent's
-    threads: the kernel must not wait on them."""
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-threads"])
+def test_threaded_slices_still_run_in_a_forked_child(openmp, kernel_calls, monkeypatch):
+    """A forked process (multiprocessing's fork) has none of the parent's threads: the kernel
+    must not wait on them (on OpenMP's team, or on this module's own threads where the
+    library is built without OpenMP)."""
+    kernels = _kernels.load()
+    if openmp and not kernels.openmp:
+        pytest.skip("the library is not built with OpenMP here")
+    monkeypatch.setattr(kernels, "openmp", openmp)
     big = 2 * 2 * _kernels._PER_THREAD
     model = nn.Linear(big // 4, 4, bias=False)
     opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model),
@@ -315,3 +322,12 @@ def test_threaded_slices_still_run_in_a_forked_child(kernel_calls):
     finally:
         torch.set_num_threads(before)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_slices_run_on_torchs_own_openmp_team_where_torch_uses_libgomp():
+    """Two OpenMP runtimes in one process would each keep threads spinning for cores."""
+    if [os.path.basename(p) for p in _kernels._openmp_runtimes()] != ["libgomp.so.1"]:
+        pytest.skip("torch does not run on GNU OpenMP here")
+    kernels = _kernels.load()
+    assert kernels is not None and kernels.openmp
+    assert len(_kernels._openmp_runtimes()) == 1

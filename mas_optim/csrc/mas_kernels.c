@@ -3,11 +3,46 @@
  * Each function reads every tensor once and writes each output once, where the eager PyTorch
  * ops take three to five passes. The arithmetic is that of the eager path in
  * mas_optim/local_sgd.py and mas_optim/penalty.py (and of torch.optim.SGD for the rest of the
- * update), in the tensors' own precision. Nothing here allocates, locks or keeps state; the
- * caller splits large tensors between threads.
+ * update), in the tensors' own precision. Nothing here allocates, locks or keeps state.
+ *
+ * The *_many functions take a group of tensors and a thread count. Built with -fopenmp (only
+ * where torch itself runs on GNU OpenMP, so the two share one thread team and never compete
+ * for cores), they cut large tensors into slices run by that team; otherwise they run the
+ * slices one after the other and the caller may run them on its own threads.
  */
 #include <math.h>
 #include <stdint.h>
+
+/* A tensor is cut into at most nthreads slices of at least this many elements. */
+#define MAS_PER_THREAD 65536
+
+static int64_t mas_parts(int64_t n, int32_t nthreads) {
+    int64_t parts = n / MAS_PER_THREAD;
+    if (parts > nthreads) parts = nthreads;
+    return parts < 1 ? 1 : parts;
+}
+
+static int64_t mas_slice(int64_t n, int64_t parts) {
+    int64_t step = (n + parts - 1) / parts;
+    return (step + 15) & ~(int64_t)15; /* slices start on 64-byte boundaries */
+}
+
+/* Runs CALL(lo, len) over the slices of [0, n), in parallel where built with OpenMP; ORs the
+ * codes into code. */
+#define MAS_SLICED(n, nthreads, code, CALL)                                                 \
+    do {                                                                                     \
+        const int64_t parts_ = mas_parts((n), (nthreads)), step_ = mas_slice((n), parts_);   \
+        int32_t code_ = 0;                                                                   \
+        _Pragma("omp parallel for num_threads(parts_) schedule(static) reduction(|:code_) if(parts_ > 1)") \
+        for (int64_t s_ = 0; s_ < parts_; ++s_) {                                            \
+            const int64_t lo = s_ * step_;                                                   \
+            const int64_t len = (n) - lo < step_ ? (n) - lo : step_;                         \
+            if (len > 0) code_ |= (CALL);                                                    \
+        }                                                                                    \
+        (code) |= code_;                                                                     \
+    } while (0)
+
+#define MAS_AT(T, x, lo) ((x) ? (T *)(x) + (lo) : (T *)0)
 
 enum {
     MAS_MOMENTUM = 1,  /* keep a momentum buffer b                            */
@@ -61,17 +96,18 @@ enum {
 
 /* The same update for k tensors in one call (one call per param group from Python).
  * args holds 7 rows of k int64: addresses of θ, g, b, Ω, θ*, then element counts and flags;
- * returns 0, or the first nonzero code of the single-tensor function (nothing after it ran). */
+ * returns 0, or the first nonzero code of the single-tensor function. */
 #define MAS_SGD_MANY(T, NAME, ONE)                                                           \
-    int32_t NAME(int64_t k, const int64_t *args, T lr, T momentum, T dampening, T wd, T coef, \
-                 T gsign) {                                                                  \
+    int32_t NAME(int64_t k, const int64_t *args, int32_t nthreads, T lr, T momentum,        \
+                 T dampening, T wd, T coef, T gsign) {                                       \
         for (int64_t j = 0; j < k; ++j) {                                                    \
-            int32_t code = ONE((T *)(intptr_t)args[j], (const T *)(intptr_t)args[k + j],     \
-                               (T *)(intptr_t)args[2 * k + j],                               \
-                               (const T *)(intptr_t)args[3 * k + j],                         \
-                               (const T *)(intptr_t)args[4 * k + j], args[5 * k + j], lr,    \
-                               momentum, dampening, wd, coef, gsign,                         \
-                               (int32_t)args[6 * k + j]);                                    \
+            const int64_t n = args[5 * k + j];                                               \
+            int32_t code = 0;                                                                \
+            MAS_SLICED(n, nthreads, code,                                                    \
+                       ONE(MAS_AT(T, args[j], lo), MAS_AT(T, args[k + j], lo),               \
+                           MAS_AT(T, args[2 * k + j], lo), MAS_AT(T, args[3 * k + j], lo),   \
+                           MAS_AT(T, args[4 * k + j], lo), len, lr, momentum, dampening, wd, \
+                           coef, gsign, (int32_t)args[6 * k + j]));                          \
             if (code != 0) return code;                                                      \
         }                                                                                    \
         return 0;                                                                            \
@@ -122,15 +158,17 @@ enum {
  * flags) and steps 2 rows of k doubles (neg_step, bc2_sqrt: they depend on each tensor's
  * step count). */
 #define MAS_ADAM_MANY(T, NAME, ONE)                                                          \
-    int32_t NAME(int64_t k, const int64_t *args, const double *steps, T coef, T gsign, T wd, \
-                 T decay, T w1, T beta2, T one_minus_beta2, T eps) {                        \
+    int32_t NAME(int64_t k, const int64_t *args, const double *steps, int32_t nthreads,      \
+                 T coef, T gsign, T wd, T decay, T w1, T beta2, T one_minus_beta2, T eps) {  \
         for (int64_t j = 0; j < k; ++j) {                                                    \
-            int32_t code = ONE(                                                              \
-                (T *)(intptr_t)args[j], (const T *)(intptr_t)args[k + j],                    \
-                (T *)(intptr_t)args[2 * k + j], (T *)(intptr_t)args[3 * k + j],              \
-                (const T *)(intptr_t)args[4 * k + j], (const T *)(intptr_t)args[5 * k + j],  \
-                args[6 * k + j], coef, gsign, wd, decay, w1, beta2, one_minus_beta2, eps,    \
-                (T)steps[j], (T)steps[k + j], (int32_t)args[7 * k + j]);                    \
+            const int64_t n = args[6 * k + j];                                               \
+            int32_t code = 0;                                                                \
+            MAS_SLICED(n, nthreads, code,                                                    \
+                       ONE(MAS_AT(T, args[j], lo), MAS_AT(T, args[k + j], lo),               \
+                           MAS_AT(T, args[2 * k + j], lo), MAS_AT(T, args[3 * k + j], lo),   \
+                           MAS_AT(T, args[4 * k + j], lo), MAS_AT(T, args[5 * k + j], lo),   \
+                           len, coef, gsign, wd, decay, w1, beta2, one_minus_beta2, eps,     \
+                           (T)steps[j], (T)steps[k + j], (int32_t)args[7 * k + j]));        \
             if (code != 0) return code;                                                      \
         }                                                                                    \
         return 0;                                                                            \
@@ -146,11 +184,16 @@ enum {
 /* add_mas_penalty's gradient for k tensors: args holds 5 rows of k int64 (addresses of g, θ,
  * Ω, θ*, then element counts). */
 #define MAS_PENALTY_MANY(T, NAME, ONE)                                                       \
-    void NAME(int64_t k, const int64_t *args, T coef) {                                      \
-        for (int64_t j = 0; j < k; ++j)                                                      \
-            ONE((T *)(intptr_t)args[j], (const T *)(intptr_t)args[k + j],                    \
-                (const T *)(intptr_t)args[2 * k + j], (const T *)(intptr_t)args[3 * k + j],  \
-                args[4 * k + j], coef);                                                      \
+    void NAME(int64_t k, const int64_t *args, int32_t nthreads, T coef) {                    \
+        for (int64_t j = 0; j < k; ++j) {                                                    \
+            const int64_t n = args[4 * k + j];                                               \
+            int32_t code = 0;                                                                \
+            MAS_SLICED(n, nthreads, code,                                                    \
+                       (ONE(MAS_AT(T, args[j], lo), MAS_AT(T, args[k + j], lo),              \
+                            MAS_AT(T, args[2 * k + j], lo), MAS_AT(T, args[3 * k + j], lo),  \
+                            len, coef), 0));                                                 \
+            (void)code;                                                                      \
+        }                                                                                    \
     }
 
 MAS_SGD(float, mas_sgd_f32)
@@ -167,4 +210,13 @@ MAS_ADAM_MANY(float, mas_adam_many_f32, mas_adam_f32)
 MAS_ADAM_MANY(double, mas_adam_many_f64, mas_adam_f64)
 
 /* The interface version the loader checks, so a stale or foreign library is never called. */
-int32_t mas_kernels_abi(void) { return 2; }
+int32_t mas_kernels_abi(void) { return 3; }
+
+/* Whether the *_many functions run their slices on OpenMP threads. */
+int32_t mas_kernels_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
