@@ -235,11 +235,15 @@ def _load_built(compiler: str, flags: Sequence[str]) -> Kernels:
             if lib is not None:
                 return Kernels(lib, path)
         folder = cache
-    else:
+    else:  # no cache to trust: a private folder, gone once the library is loaded
         folder = Path(tempfile.mkdtemp(prefix="mas_kernels-"))
         path = folder / name
-    _build(compiler, flags, folder, path)
-    lib = _open(path)
+    try:
+        _build(compiler, flags, folder, path)
+        lib = _open(path)
+    finally:
+        if cache is None:
+            shutil.rmtree(folder, ignore_errors=True)
     if lib is None:
         raise _Unavailable(f"the built library {path} does not load")
     return Kernels(lib, path)

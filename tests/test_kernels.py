@@ -268,6 +268,7 @@ def test_cache_others_can_write_is_not_trusted(fresh_build):
     assert kernels is not None
     assert kernels.path.parent != fresh_build
     assert not list(fresh_build.iterdir())
+    assert not kernels.path.parent.exists()  # the private build folder is not left behind
 
 
 def test_without_a_compiler_the_default_step_is_eager_and_silent(fresh_build, monkeypatch):
