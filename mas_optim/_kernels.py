@@ -72,7 +72,7 @@ class Kernels:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._workers, self._pid, self._pool_pid = 0, os.getpid(), os.getpid()
         # Slices on torch's own OpenMP team (see mas_kernels.c), else on this module's threads.
-        self.openmp = bool(lib.mas_kernels_openmp()) and _one_openmp_runtime()
+        self.openmp = bool(lib.mas_kernels_openmp()) and _torch_gnu_openmp()
 
     def sgd(self, dtype: torch.dtype, rows: Sequence[Sequence[int]],
             scalars: Tuple[float, ...]) -> None:
@@ -220,9 +220,9 @@ def _load() -> Kernels:
 
 
 def _variants() -> List[Tuple[str, ...]]:
-    """Compiler flags to try in order: with OpenMP only where torch runs on GNU's
-    libgomp.so.1, which the library then shares."""
-    return [(*_FLAGS, "-fopenmp"), _FLAGS] if _one_openmp_runtime() else [_FLAGS]
+    """Compiler flags to try in order: with OpenMP only where torch's own ``libgomp.so.1`` is
+    loaded, which the library then shares."""
+    return [(*_FLAGS, "-fopenmp"), _FLAGS] if _torch_gnu_openmp() else [_FLAGS]
 
 
 def _load_built(compiler: str, flags: Sequence[str]) -> Kernels:
@@ -258,22 +258,23 @@ def _library_name(compiler: str, flags: Sequence[str]) -> str:
     return f"mas_kernels-{key}.so"
 
 
-def _openmp_runtimes() -> List[str]:
-    """The OpenMP runtimes mapped into this process (Linux; [] where that can't be read)."""
+def _gnu_openmp() -> List[str]:
+    """The mapped files named ``libgomp.so.1`` (Linux; [] where that can't be read): the ones
+    a library built with ``-fopenmp`` binds to by name. Other OpenMP copies (scikit-learn's
+    renamed ``libgomp-<hash>.so``, say) don't take part."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]}
+            return sorted({line.split()[-1] for line in maps
+                           if line.rstrip().endswith("/libgomp.so.1")})
     except OSError:
         return []
-    return sorted(p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp",
-                                                                      "libomp")))
 
 
-def _one_openmp_runtime() -> bool:
-    """True when the only OpenMP runtime loaded is GNU's libgomp.so.1 (torch's): the kernels'
-    OpenMP calls then bind to torch's own runtime and share its threads."""
-    runtimes = _openmp_runtimes()
-    return len(runtimes) == 1 and os.path.basename(runtimes[0]) == "libgomp.so.1"
+def _torch_gnu_openmp() -> bool:
+    """True when the one ``libgomp.so.1`` loaded is torch's own: the kernels' OpenMP calls then
+    bind to it and share torch's thread team."""
+    found = _gnu_openmp()
+    return len(found) == 1 and found[0].startswith(os.path.dirname(torch.__file__) + os.sep)
 
 
 def _run(cmd: List[str]) -> str:

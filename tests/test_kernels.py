@@ -327,8 +327,9 @@ def test_threaded_slices_still_run_in_a_forked_child(openmp, kernel_calls, monke
 
 def test_slices_run_on_torchs_own_openmp_team_where_torch_uses_libgomp():
     """Two OpenMP runtimes in one process would each keep threads spinning for cores."""
-    if [os.path.basename(p) for p in _kernels._openmp_runtimes()] != ["libgomp.so.1"]:
-        pytest.skip("torch does not run on GNU OpenMP here")
+    if not _kernels._torch_gnu_openmp():
+        pytest.skip("torch does not run on its own libgomp.so.1 here")
     kernels = _kernels.load()
     assert kernels is not None and kernels.openmp
-    assert len(_kernels._openmp_runtimes()) == 1
+    assert _kernels._gnu_openmp() == [os.path.join(os.path.dirname(torch.__file__), "lib",
+                                                    "libgomp.so.1")]
