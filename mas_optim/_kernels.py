@@ -1,10 +1,14 @@
 """The one-pass CPU kernels of ``csrc/mas_kernels.c``, built at first use with the C compiler.
 
 The eager MAS step is memory-bound: every pass streams whole tensors. ``mas_kernels.c`` does
-LocalSgd's update (penalty, weight decay, momentum, the proximal map) and add_mas_penalty's
-gradient in one pass each, reading every tensor once. It has no dependency but libc, so
-building it takes a fraction of a second with any C compiler (``$CC``, else ``cc``), and it is
-called through :mod:`ctypes` on the tensors' memory.
+LocalSgd's update (penalty, weight decay, momentum, the proximal map), add_mas_penalty's
+gradient, and Adam/AdamW's update on the penalised gradient in one pass each, reading every
+tensor once. It has no dependency but libc, so building it takes a fraction of a second with
+any C compiler (``$CC``, else ``cc``), and it is called through :mod:`ctypes` on the tensors'
+memory, one call per group of tensors. Large tensors are cut into slices run on
+``torch.get_num_threads()`` threads: on torch's own OpenMP team where torch's ``libgomp.so.1``
+is loaded (the library is then built with ``-fopenmp`` and binds to it), else on Python
+threads (ctypes releases the GIL).
 
 Where no compiler works, :func:`load` returns None and the callers take their eager path, which
 computes the same update (tests check the two against each other and against autograd).
@@ -47,9 +51,9 @@ _DTYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes
 
 
 class Kernels:
-    """Typed entry points of the loaded library. Both work on groups of tensors given by their
-    addresses (one C call per group, so the Python cost per tensor is a few attribute reads);
-    the caller guarantees :func:`fits`."""
+    """Typed entry points of the loaded library. Each works on a group of tensors given by
+    their addresses (one C call per group, so the Python cost per tensor is a few attribute
+    reads); the caller guarantees :func:`fits`."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -174,13 +178,15 @@ def fits(*tensors: Optional[Tensor]) -> bool:
     if first.dtype not in _DTYPES or first.device.type != "cpu":
         return False
     n = first.numel()
-    ptrs = set()
     for t in ts:
         if (t.dtype != first.dtype or t.device.type != "cpu" or t.numel() != n
                 or not t.is_contiguous() or t.is_sparse or t.is_conj() or t.is_neg()):
             return False
-        ptrs.add(t.data_ptr())
-    return len(ptrs) == len(ts) or n == 0
+    if n == 0:
+        return True
+    size = n * first.element_size()
+    starts = sorted(t.data_ptr() for t in ts)
+    return all(b - a >= size for a, b in zip(starts, starts[1:]))  # no two overlap
 
 
 def load() -> Optional[Kernels]:

@@ -221,6 +221,9 @@ def test_fits_refuses_aliases_other_dtypes_and_strides():
     a, b = torch.zeros(6), torch.zeros(6)
     assert _kernels.fits(a, b)
     assert not _kernels.fits(a, a)
+    buf = torch.zeros(10)
+    assert not _kernels.fits(buf[:6], buf[4:])  # overlapping views of one buffer
+    assert _kernels.fits(buf[:5], buf[5:])
     assert not _kernels.fits(a, b.double())
     assert not _kernels.fits(a.bfloat16(), b.bfloat16())
     assert not _kernels.fits(torch.zeros(3, 2).t(), torch.zeros(2, 3))
