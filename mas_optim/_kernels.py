@@ -3,7 +3,7 @@
 The eager MAS step is memory-bound: every pass streams whole tensors. ``mas_kernels.c`` does
 LocalSgd's update (penalty, weight decay, momentum, the proximal map), add_mas_penalty's
 gradient, and Adam/AdamW's update on the penalised gradient in one pass each, reading every
-tensor once. It has no dependency but libc, so building it takes a fraction of a second with
+tensor once. It has no dependency but libc, so building it takes about a second with
 any C compiler (``$CC``, else ``cc``), and it is called through :mod:`ctypes` on the tensors'
 memory, one call per group of tensors. Large tensors are cut into slices run on
 ``torch.get_num_threads()`` threads: on torch's own OpenMP team where torch's ``libgomp.so.1``
