@@ -336,3 +336,31 @@ def test_slices_run_on_torchs_own_openmp_team_where_torch_uses_libgomp():
     assert kernels is not None and kernels.openmp
     assert _kernels._gnu_openmp() == [os.path.join(os.path.dirname(torch.__file__), "lib",
                                                     "libgomp.so.1")]
+
+
+def test_adam_kernel_under_grad_scaler_and_lr_schedule_equals_the_penalised_loss(kernel_calls):
+    """GradScaler unscales before step() (the hook sees true gradients) and a scheduler
+    changes lr between steps (the kernel reads it at each step)."""
+    lam = 0.7
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref)
+    runs = []
+    for model, penalised in ((ref, True), (ours, False)):
+        opt = torch.optim.AdamW(model.named_parameters(), lr=0.01, weight_decay=0.05)
+        if not penalised:
+            add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam)
+        runs.append((model, opt, torch.optim.lr_scheduler.StepLR(opt, 2, 0.5),
+                     torch.amp.GradScaler("cpu", init_scale=1024.0), penalised))
+    for x, y in batches(6):
+        for model, opt, schedule, scaler, penalised in runs:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if penalised:
+                loss = loss + autograd_penalty(model, reg, lam)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            schedule.step()
+    assert kernel_calls["adam"]
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
