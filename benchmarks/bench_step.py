@@ -1,12 +1,13 @@
 """Speed of the optimizer step, as ratios against the plain optimizer measured in the same run.
 
 time(forward + backward + LocalSgd.step) / time(forward + backward + torch.optim.SGD.step),
-batch 128, momentum 0.9, for LocalSgd's default step (on the CPU the one-pass C kernel of
-mas_optim/csrc, built at first use) and its eager steps (``fused=False``: torch ops, with and
-without the two cached tensors). For reference, the two usual ways of adding the penalty
+batch 128, momentum 0.9, on two MLPs, for LocalSgd's default step (on the CPU the one-pass C
+kernel of mas_optim/csrc, built at first use) and its eager steps (``fused=False``: torch ops,
+with and without the two cached tensors). For reference, the two usual ways of adding the penalty
 are timed too: through autograd in the loss (Avalanche, FACIL) and a Python loop over
 parameters that adds 2λΩ(θ−θ*) to .grad before SGD. Then the same for AdamW: the penalty
-attached by mas_optim.add_mas_penalty against plain torch.optim.AdamW.
+attached by mas_optim.add_mas_penalty against plain torch.optim.AdamW. Last, optimizer.step()
+alone on a model of 204 small tensors, where the per-tensor work of the step is what costs.
 
 CPU, one thread (``--threads N`` for more), medians of paired repeats (each repeat times
 baseline and candidate back to back, in alternating order). Run:  python benchmarks/bench_step.py
@@ -14,7 +15,7 @@ baseline and candidate back to back, in alternating order). Run:  python benchma
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 from torch import nn
@@ -33,6 +34,21 @@ def mlp(hidden: int) -> nn.Module:
                          nn.Linear(hidden, 10))
 
 
+def deep_mlp(depth: int = 100, width: int = 32) -> nn.Module:
+    """Many small parameter tensors (2·depth + 4): the step's per-tensor work dominates, as in
+    ResNets and transformers with their hundreds of small tensors."""
+    layers = [nn.Linear(784, width), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+MODELS = [  # (label, constructor, inner repeats)
+    ("MLP 784-400-400-10", lambda: mlp(400), 20),
+    ("MLP 784-2000-2000-10", lambda: mlp(2000), 6),
+]
+
+
 def reg_params_for(model: nn.Module) -> dict:
     g = torch.Generator().manual_seed(0)
     return {n: {"omega": torch.rand(p.shape, generator=g),
@@ -40,7 +56,8 @@ def reg_params_for(model: nn.Module) -> dict:
             for n, p in model.named_parameters()}
 
 
-def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, Any]:
+def bench_step(make_model: Callable[[], nn.Module], repeats: int,
+               inner: int) -> Dict[str, Any]:
     torch.manual_seed(0)
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
     lam, hp = 0.01, dict(lr=1e-3, momentum=0.9)
@@ -57,7 +74,7 @@ def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, Any]:
             opt.step()
         return run
 
-    models = {name: mlp(hidden) for name in ("sgd", "local", "eager", "lean", "auto", "loop")}
+    models = {name: make_model() for name in ("sgd", "local", "eager", "lean", "auto", "loop")}
     reg = reg_params_for(models["local"])
     named_auto = list(models["auto"].named_parameters())
     named_loop = list(models["loop"].named_parameters())
@@ -88,7 +105,7 @@ def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, Any]:
                               before_step=python_loop),
     }
     adam_hp = dict(lr=1e-3, weight_decay=0.01)
-    adam = {name: mlp(hidden) for name in ("plain", "hook", "eager", "cached", "auto")}
+    adam = {name: make_model() for name in ("plain", "hook", "eager", "cached", "auto")}
     adam_opts = {name: torch.optim.AdamW(m.named_parameters(), **adam_hp)
                  for name, m in adam.items()}
     mas_optim.add_mas_penalty(adam_opts["hook"], reg, reg_lambda=lam)
@@ -109,15 +126,45 @@ def bench_step(hidden: int, repeats: int, inner: int) -> Dict[str, Any]:
     return {"sgd": paired(sgd_fns, repeats, inner), "adamw": paired(adam_fns, repeats, inner)}
 
 
+def bench_step_alone(repeats: int, inner: int = 50) -> Dict[str, float]:
+    """optimizer.step() alone (the same gradients every time) on deep_mlp's 204 small tensors,
+    where the per-tensor work of the step is what costs; its forward and backward are too noisy
+    here to time the whole training step."""
+    torch.manual_seed(0)
+    lam, hp = 0.01, dict(lr=1e-3, momentum=0.9)
+    models = {name: deep_mlp() for name in ("sgd", "local", "eager", "adamw", "hook")}
+    for m in models.values():
+        for p in m.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+    reg = reg_params_for(models["local"])
+    adamw, hooked = (torch.optim.AdamW(models[k].named_parameters(), lr=1e-3)
+                     for k in ("adamw", "hook"))
+    mas_optim.add_mas_penalty(hooked, reg, reg_lambda=lam)
+    fns = {
+        "baseline": torch.optim.SGD(models["sgd"].parameters(), **hp).step,
+        "LocalSgd": mas_optim.LocalSgd(models["local"].named_parameters(), reg_params=reg,
+                                       reg_lambda=lam, **hp).step,
+        "LocalSgd eager": mas_optim.LocalSgd(models["eager"].named_parameters(), reg_params=reg,
+                                             reg_lambda=lam, fused=False, **hp).step,
+        "AdamW": adamw.step,
+        "AdamW + add_mas_penalty": hooked.step,
+    }
+    for f in fns.values():  # state, kernel plans
+        f()
+        f()
+        f()
+    return paired(fns, repeats, inner)
+
+
 def main(repeats: int) -> None:
     print("Training step, batch 128: time / time(plain optimizer), medians of paired repeats")
-    for hidden, inner in ((400, 20), (2000, 6)):
-        model = mlp(hidden)
-        n = sum(p.numel() for p in model.parameters())
-        r = bench_step(hidden, repeats, inner)
+    for label, make_model, inner in MODELS:
+        params = list(make_model().parameters())
+        n = sum(p.numel() for p in params)
+        r = bench_step(make_model, repeats, inner)
         s, a = r["sgd"], r["adamw"]
         kernel = "" if _kernels.load() is not None else f" (eager: {_kernels.reason()})"
-        print(f"  MLP 784-{hidden}-{hidden}-10 ({n / 1e6:.2f}M params)")
+        print(f"  {label} ({n / 1e6:.2f}M params in {len(params)} tensors)")
         print(f"    SGD momentum 0.9, {s['baseline_ms']:.2f} ms per step:  "
               f"LocalSgd {s['LocalSgd']:.3f}x{kernel}   eager {s['LocalSgd eager']:.3f}x   "
               f"eager uncached {s['LocalSgd eager uncached']:.3f}x   "
@@ -128,6 +175,12 @@ def main(repeats: int) -> None:
               f"eager {a['add_mas_penalty eager']:.3f}x   "
               f"eager cached {a['add_mas_penalty eager cached']:.3f}x   "
               f"autograd penalty {a['autograd penalty']:.3f}x")
+    r = bench_step_alone(repeats)
+    print("Optimizer step alone, MLP 784-32, 100 x 32-32, 32-10 (0.13M params in 204 tensors)")
+    print(f"    SGD momentum 0.9, {r['baseline_ms']:.2f} ms per step:  "
+          f"LocalSgd {r['LocalSgd']:.3f}x   eager {r['LocalSgd eager']:.3f}x")
+    print(f"    AdamW, {r['AdamW'] * r['baseline_ms']:.2f} ms per step:  add_mas_penalty "
+          f"{r['AdamW + add_mas_penalty'] / r['AdamW']:.3f}x")
 
 
 if __name__ == "__main__":

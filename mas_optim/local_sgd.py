@@ -119,6 +119,7 @@ class LocalSgd(torch.optim.SGD):
         self.track_path_integral = bool(track_path_integral)
         self.cache_penalty = bool(cache_penalty)
         self._penalty_cache: Dict[Tensor, _Terms] = {}
+        self._plans: Dict[int, _GroupPlan] = {}
         self._fused_kernel: Optional[Callable] = None
         self._reg_params: RegParams = {}
         self.reg_params = reg_params if reg_params is not None else {}
@@ -162,6 +163,7 @@ class LocalSgd(torch.optim.SGD):
         self.__dict__.setdefault("track_path_integral", False)
         self.__dict__.setdefault("cache_penalty", True)
         self._penalty_cache = {}
+        self._plans = {}
         self._fused_kernel = None
         for group in self.param_groups:
             for key in _MAS_KEYS:
@@ -259,6 +261,9 @@ class LocalSgd(torch.optim.SGD):
         coef = 2.0 * float(group["reg_lambda"])
         momentum, proximal, track = group["momentum"], group["proximal"], self.track_path_integral
         kernels = self._kernels(group) if coef != 0 else None
+        if kernels is not None and not track and self._planned_kernel_step(
+                kernels, group, index, lr, coef):
+            return
         plain_p, plain_g, plain_buf = [], [], []
         reg_p, reg_terms = [], []
         kernel_items: List[Tuple[Tensor, Tensor, Tensor, Optional[Tensor], _Terms]] = []
@@ -302,6 +307,13 @@ class LocalSgd(torch.optim.SGD):
 
         if kernel_items:
             self._kernel_step(kernels, group, kernel_items, lr, coef)
+        self._plans.pop(index, None)
+        if (kernel_items and not track and not plain_p and not reg_p
+                and len(kernel_items) == len(group["params"])
+                and not any(is_sharded(p) for p in group["params"])):
+            self._plans[index] = _GroupPlan(group, coef, [
+                (p, name, self._reg_params[name], t, state[p]) for (p, _, _, _, t), name in
+                zip(kernel_items, group_names(group, index))])
         if reg_p and proximal:
             for p, terms in zip(reg_p, reg_terms):
                 _proximal_(local(p), local(terms.omega), local(terms.init), lr * coef)
@@ -312,6 +324,49 @@ class LocalSgd(torch.optim.SGD):
             for p in group["params"]:
                 if p.grad is not None:
                     _after_path_step(self.state[p], p)
+
+    def _planned_kernel_step(self, kernels: _kernels.Kernels, group: dict, index: int,
+                             lr: float, coef: float) -> bool:
+        """The kernel step of a group whose every parameter the last step gave to the kernel,
+        re-checking only what can change between steps: the same parameters, reg_params
+        entries, Ω and θ* (tensor and version), memory, momentum buffers, and a contiguous
+        gradient of its own. Anything else: False, nothing done, and the full step runs."""
+        plan = self._plans.get(index)
+        params = group["params"]
+        if plan is None or plan.params is not params or len(params) != len(plan.items) \
+                or plan.coef != coef or plan.dtype is None:
+            return False
+        reg, momentum, states = self._reg_params, group["momentum"], self.state
+        flags = _kernel_flags(group)
+        rows = []
+        for q, (p, name, entry, t, state) in zip(params, plan.items):
+            grad = p.grad
+            if q is not p or reg.get(name) is not entry or states.get(p) is not state:
+                return False
+            if grad is None:
+                continue
+            omega, init = entry["omega"], entry["init_val"]
+            ptrs = t.kernel_ptrs
+            if (omega is not t.omega or init is not t.init or grad.is_sparse
+                    or omega._version != t.key[2] or init._version != t.key[3]
+                    or p.data_ptr() != ptrs[0] or omega.data_ptr() != ptrs[1]
+                    or init.data_ptr() != ptrs[2] or p.shape != t.key[4]
+                    or not grad.is_contiguous()):
+                return False
+            gp, bp = grad.data_ptr(), 0
+            if momentum != 0:
+                buf = state.get("momentum_buffer")
+                if buf is None or buf is not t.kernel_state():
+                    return False
+                bp = buf.data_ptr()
+                if gp == bp:
+                    return False
+            if gp in ptrs:
+                return False
+            rows.append((ptrs[0], gp, bp, ptrs[1], ptrs[2], p.numel(), flags))
+        if rows:
+            kernels.sgd(plan.dtype, list(zip(*rows)), _kernel_scalars(group, lr, coef))
+        return True
 
     def _kernels(self, group: dict) -> Optional[_kernels.Kernels]:
         """The one-pass C kernels if this group takes them: ``fused`` not False, ``foreach``
@@ -329,13 +384,7 @@ class LocalSgd(torch.optim.SGD):
         """LocalSgd's whole update in one pass per parameter (``csrc/mas_kernels.c``): θ, g,
         b, Ω and θ* are each read once, θ and b written once; no cached terms. ``items``:
         (θ, its local tensor, local g, b or None, terms)."""
-        momentum, wd = group["momentum"], group["weight_decay"]
-        flags = ((_kernels.MOMENTUM if momentum != 0 else 0)
-                 | (_kernels.NESTEROV if group["nesterov"] else 0)
-                 | (_kernels.PROXIMAL if group["proximal"] else 0)
-                 | (_kernels.DECAY if wd != 0 else 0))
-        scalars = (lr, momentum, group["dampening"], wd, coef,
-                   -1.0 if group["maximize"] else 1.0)
+        momentum, flags = group["momentum"], _kernel_flags(group)
         by_dtype: Dict[torch.dtype, List[Tuple[int, ...]]] = {}
         for p, lp, lg, buf, t in items:
             b_ptr, first = 0, 0
@@ -352,6 +401,7 @@ class LocalSgd(torch.optim.SGD):
                 by_dtype[lp.dtype] = [entry]
             else:
                 entries.append(entry)
+        scalars = _kernel_scalars(group, lr, coef)
         for dtype, entries in by_dtype.items():
             kernels.sgd(dtype, list(zip(*entries)), scalars)
 
@@ -437,6 +487,30 @@ class LocalSgd(torch.optim.SGD):
         return omega
 
 
+def _kernel_flags(group: Mapping[str, Any]) -> int:
+    return ((_kernels.MOMENTUM if group["momentum"] != 0 else 0)
+            | (_kernels.NESTEROV if group["nesterov"] else 0)
+            | (_kernels.PROXIMAL if group["proximal"] else 0)
+            | (_kernels.DECAY if group["weight_decay"] != 0 else 0))
+
+
+def _kernel_scalars(group: Mapping[str, Any], lr: float, coef: float) -> Tuple[float, ...]:
+    return (lr, group["momentum"], group["dampening"], group["weight_decay"], coef,
+            -1.0 if group["maximize"] else 1.0)
+
+
+class _GroupPlan:
+    """A param group's parameters as the last step found them, each with its reg_params entry,
+    terms and optimizer state, all taken by the C kernel (see _planned_kernel_step)."""
+
+    __slots__ = ("params", "coef", "items", "dtype")
+
+    def __init__(self, group: Mapping[str, Any], coef: float, items: list) -> None:
+        self.params, self.coef, self.items = group["params"], coef, items
+        dtypes = {p.dtype for p, *_ in items}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else None
+
+
 def _check_same_names(index: int, own: List[Optional[str]], saved: Optional[List[Any]]) -> None:
     if saved is None:  # a state dict of an optimizer built without names
         return
@@ -499,6 +573,10 @@ class _Terms:
         self._fits = False
         self._state: Tuple[Tensor, ...] = ()
         self._omega, self._init = local(omega), local(init)  # this rank's shards
+
+    def kernel_state(self) -> Optional[Tensor]:
+        """The first optimizer state tensor :meth:`fit_kernels` last accepted (or None)."""
+        return self._state[0] if self._state else None
 
     def fit_kernels(self, p: Tensor, g: Tensor, *state: Tensor) -> bool:
         """Whether the C kernels can update local tensors ``p`` (θ), ``g`` and the optimizer's

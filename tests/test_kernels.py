@@ -364,3 +364,75 @@ def test_adam_kernel_under_grad_scaler_and_lr_schedule_equals_the_penalised_loss
     assert kernel_calls["adam"]
     for a, b in zip(ref.parameters(), ours.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the planned step
+
+def _new_entry(entry):
+    return {"omega": entry["omega"] * 2, "init_val": entry["init_val"] + 0.1}
+
+
+CHANGES = {
+    # name: (change to ours, the same change to the reference; both get (model, opt, reg))
+    "state cleared": (lambda m, o, r: o.state.clear(), lambda m, o, r: o.state.clear()),
+    "omega changed in place": (lambda m, o, r: r["0.weight"]["omega"].mul_(3),
+                               lambda m, o, r: r["0.weight"]["omega"].mul_(3)),
+    "entry replaced": (lambda m, o, r: r.__setitem__("2.weight", _new_entry(r["2.weight"])),
+                       lambda m, o, r: r.__setitem__("2.weight", _new_entry(r["2.weight"]))),
+    "parameter memory replaced": (
+        lambda m, o, r: setattr(m[0].weight, "data", m[0].weight.data.clone()),
+        lambda m, o, r: None),
+    "momentum buffer replaced": (
+        lambda m, o, r: o.state[m[2].weight].__setitem__(
+            "momentum_buffer", o.state[m[2].weight]["momentum_buffer"] * 0.5),
+        lambda m, o, r: o.state[m[2].weight].__setitem__(
+            "momentum_buffer", o.state[m[2].weight]["momentum_buffer"] * 0.5)),
+    "momentum buffer changed in place": (
+        lambda m, o, r: o.state[m[0].bias]["momentum_buffer"].zero_(),
+        lambda m, o, r: o.state[m[0].bias]["momentum_buffer"].zero_()),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_every_change_between_steps_reaches_the_planned_step(change, kernel_calls, monkeypatch):
+    """After two steps LocalSgd steps a group from a plan of what it found; each change a loop
+    can make between steps must still give torch's SGD on the penalised loss."""
+    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
+    ref, ours = make_mlp(), make_mlp()
+    reg_ref = random_reg_params(ref)
+    reg = copy.deepcopy(reg_ref)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, **hp)
+    planned = []
+    real = LocalSgd._planned_kernel_step
+
+    def spy(self, *args):
+        planned.append(real(self, *args))
+        return planned[-1]
+
+    monkeypatch.setattr(LocalSgd, "_planned_kernel_step", spy)
+    data = batches(7)
+    for i, (x, y) in enumerate(data):
+        if i == 4:
+            CHANGES[change][0](ours, opt, reg)
+            CHANGES[change][1](ref, opt_ref, reg_ref)
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg_ref, lam))
+        step(ours, opt, x, y)
+    assert planned[2:4] == [True, True]  # the plan was in use before the change
+    for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=n)
+
+
+def test_a_new_lambda_reaches_the_planned_step(kernel_calls):
+    hp = dict(lr=0.05, momentum=0.9)
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=0.7, **hp)
+    for i, (x, y) in enumerate(batches(7)):
+        lam = 0.7 if i < 4 else 2.0
+        opt.param_groups[0]["reg_lambda"] = lam
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -207,12 +207,18 @@ def test_nan_omega_is_refused_at_every_door(door):
     (lambda e: e.__setitem__("omega", torch.zeros(16, dtype=torch.float64)),
      r"\['omega'\] is \(16,\) torch.float64"),
 ])
-def test_an_entry_changed_after_construction_is_refused_at_the_step(change, message):
+@pytest.mark.parametrize("steps_before", [0, 3], ids=["first-step", "later-step"])
+def test_an_entry_changed_after_construction_is_refused_at_the_step(change, message,
+                                                                    steps_before):
+    """Also after some steps (the C kernel path then steps from a plan of what it found)."""
     model = make_model()
-    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model), lr=0.1)
-    change(opt.reg_params["0.bias"])
+    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model), lr=0.1,
+                   momentum=0.9)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
+    for _ in range(steps_before):
+        opt.step()
+    change(opt.reg_params["0.bias"])
     with pytest.raises(ValueError, match=r"reg_params\['0.bias'\]" + message):
         opt.step()
 
