@@ -207,6 +207,53 @@ def test_two_threads_give_exactly_what_one_gives(which, kernel_calls):
     assert kernel_calls["sgd" if which == "local_sgd" else "penalty"]
 
 
+class Vectors(nn.Module):
+    """One parameter per length: below, at and past a block of the kernels' loops, and long
+    enough for the lines they prefetch ahead."""
+
+    LENGTHS = (1, 63, 64, 65, 127, 200, 321, 1000, 4099)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(n, dtype=torch.float64))
+                                  for n in self.LENGTHS)
+        self.x = [torch.randn(n, dtype=torch.float64) for n in self.LENGTHS]
+
+    def loss(self):
+        return sum((w * x).sin().sum() for w, x in zip(self.w, self.x))
+
+
+@pytest.mark.parametrize("kind", ["local_sgd", "penalty", "adamw"])
+def test_every_tensor_length_is_stepped_exactly(kind, kernel_calls):
+    lam, hp = 0.7, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    ref, ours = Vectors(), Vectors()
+    g = torch.Generator().manual_seed(1)
+    reg = {n: {"omega": torch.rand(p.shape, generator=g, dtype=p.dtype),
+               "init_val": p.detach() + torch.randn(p.shape, generator=g, dtype=p.dtype)}
+           for n, p in ref.named_parameters()}
+    if kind == "adamw":
+        hp = dict(lr=0.01, weight_decay=0.05)
+        opt_ref = torch.optim.AdamW(ref.parameters(), **hp)
+        opt = _with_penalty(torch.optim.AdamW(ours.named_parameters(), **hp), reg, lam)
+    elif kind == "penalty":
+        opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+        opt = _with_penalty(torch.optim.SGD(ours.named_parameters(), **hp), reg, lam)
+    else:
+        opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+        opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, **hp)
+    for _ in range(4):
+        for model, o, extra in ((ref, opt_ref, True), (ours, opt, False)):
+            o.zero_grad()
+            loss = model.loss() + (autograd_penalty(model, reg, lam) if extra else 0)
+            loss.backward()
+            o.step()
+    assert kernel_calls["sgd" if kind == "local_sgd" else "penalty" if kind == "penalty"
+                        else "adam"]
+    for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=n)
+
+
 def test_unknown_flags_are_refused_not_ignored():
     kernels = _kernels.load()
     if kernels is None:
@@ -296,6 +343,36 @@ def test_a_compiler_that_fails_is_named_in_the_reason(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", str(fake))
     assert _kernels.load() is None
     assert "fake-cc: error: out of disk" in _kernels.reason()
+
+
+def test_another_cpu_type_sharing_the_cache_gets_its_own_library(monkeypatch):
+    """-march=native builds for this CPU: a home folder shared by a cluster's nodes must not
+    hand one node's instructions to another."""
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    flags = _kernels._variants()[0]
+    assert _kernels._NATIVE in flags
+    here = _kernels._library_name(cc, flags)
+    real = _kernels._run
+    monkeypatch.setattr(_kernels, "_run", lambda cmd: real(cmd) + (
+        "#define __AVX512F__ 1\n" if "-dM" in cmd else ""))
+    assert _kernels._library_name(cc, flags) != here
+
+
+def test_a_compiler_without_march_native_still_builds_the_kernels(fresh_build, monkeypatch):
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    fake = fresh_build.parent / "old-cc"
+    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -march=native ] && "
+                    "{ echo 'old-cc: unknown -march=native' >&2; exit 1; }; done\n"
+                    f"exec {cc} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    kernels = _kernels.load()
+    assert kernels is not None, _kernels.reason()
+    assert kernels.path.parent == fresh_build
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
