@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import _kernels
+from ._compiled import DeviceScalars
 from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, is_sharded, local
 from .reg_params import RegParams
 
@@ -121,6 +122,7 @@ class LocalSgd(torch.optim.SGD):
         self._penalty_cache: Dict[Tensor, _Terms] = {}
         self._plans: Dict[int, _GroupPlan] = {}
         self._fused_kernel: Optional[Callable] = None
+        self._fused_scalars: Dict[int, DeviceScalars] = {}
         self._reg_params: RegParams = {}
         self.reg_params = reg_params if reg_params is not None else {}
 
@@ -165,6 +167,7 @@ class LocalSgd(torch.optim.SGD):
         self._penalty_cache = {}
         self._plans = {}
         self._fused_kernel = None
+        self._fused_scalars = {}
         for group in self.param_groups:
             for key in _MAS_KEYS:
                 group.setdefault(key, self._mas_defaults[key])
@@ -430,7 +433,9 @@ class LocalSgd(torch.optim.SGD):
                 self._fused_kernel = _compile_fused_kernel()
             if self._fused_kernel is not False:
                 try:
-                    _fused_mas_sgd(self._fused_kernel, params, bufs, terms, **hyper)
+                    _fused_mas_sgd(self._fused_kernel,
+                                   self._fused_scalars.setdefault(id(group), DeviceScalars()),
+                                   params, bufs, terms, **hyper)
                     return
                 except Exception as e:  # noqa: BLE001 - any compiler failure falls back
                     self._fused_kernel = False
@@ -677,59 +682,82 @@ def _multi_tensor_mas_sgd(
     parameters of the group (what torch's SGD does with ``foreach=True``)."""
     ps = [local(p) for p in params]
     gs = [local(p.grad) for p in params]
+    if momentum != 0 and not nesterov:
+        # b = μb + (1 − τ)(±g + wd·θ + 2λΩ(θ − θ*)), accumulated into b term by term, so the
+        # gradients are neither copied nor changed.
+        bs = [local(b) for b in bufs]  # type: ignore[arg-type]
+        scale = 1.0 - dampening
+        torch._foreach_mul_(bs, momentum)
+        torch._foreach_add_(bs, gs, alpha=-scale if maximize else scale)
+        if weight_decay != 0:
+            torch._foreach_add_(bs, ps, alpha=scale * weight_decay)
+        _foreach_add_penalty(bs, ps, terms, scale)
+        torch._foreach_add_(ps, bs, alpha=-lr)
+        return
     d = torch._foreach_neg(gs) if maximize else torch._foreach_mul(gs, 1.0)
-    if all(t.slope is not None for t in terms):
-        torch._foreach_addcmul_(d, [t.slope for t in terms], ps)
-        torch._foreach_sub_(d, [t.offset for t in terms])
-    else:
-        diff = torch._foreach_sub(ps, [local(t.init) for t in terms])
-        torch._foreach_mul_(diff, [local(t.omega) for t in terms])
-        torch._foreach_add_(d, diff, alpha=terms[0].coef)
+    _foreach_add_penalty(d, ps, terms, 1.0)
     if weight_decay != 0:
         torch._foreach_add_(d, ps, alpha=weight_decay)
     if momentum != 0:
         bs = [local(b) for b in bufs]  # type: ignore[arg-type]
         torch._foreach_mul_(bs, momentum)
         torch._foreach_add_(bs, d, alpha=1.0 - dampening)
-        if nesterov:
-            torch._foreach_add_(d, bs, alpha=momentum)
-        else:
-            d = bs
+        torch._foreach_add_(d, bs, alpha=momentum)  # nesterov
     torch._foreach_add_(ps, d, alpha=-lr)
+
+
+def _foreach_add_penalty(out: List[Tensor], ps: List[Tensor], terms: List[_Terms],
+                         scale: float) -> None:
+    """out += scale · 2λΩ(θ − θ*) (Eq. 3), from the cached 2λΩ and 2λΩθ* where all are held."""
+    if all(t.slope is not None for t in terms):
+        torch._foreach_addcmul_(out, [t.slope for t in terms], ps, value=scale)
+        torch._foreach_sub_(out, [t.offset for t in terms], alpha=scale)
+    else:
+        diff = torch._foreach_sub(ps, [local(t.init) for t in terms])
+        torch._foreach_mul_(diff, [local(t.omega) for t in terms])
+        torch._foreach_add_(out, diff, alpha=terms[0].coef * scale)
 
 
 def _fused_kernel_body(ps: List[Tensor], gs: List[Tensor], bs: List[Tensor],
                        omegas: List[Tensor], inits: List[Tensor], lr: Tensor, momentum: Tensor,
                        dampening: Tensor, weight_decay: Tensor, coef: Tensor, use_momentum: bool,
                        nesterov: bool, maximize: bool) -> None:
-    # One pass per parameter once compiled: θ, g, b, Ω, θ* are read once, θ and b written once.
-    # Hyperparameters are 0-dim tensors so that a learning-rate schedule does not recompile.
-    for i in range(len(ps)):
-        p = ps[i]
-        g = -gs[i] if maximize else gs[i]
-        d = g + coef * omegas[i] * (p - inits[i]) + weight_decay * p
-        if use_momentum:
-            b = momentum * bs[i] + (1 - dampening) * d
-            bs[i].copy_(b)
-            d = d + momentum * b if nesterov else b
-        p.copy_(p - lr * d)
+    # Compiled, the chain below is fused along each tensor (θ, g, b, Ω, θ* read once, θ and b
+    # written once) and across tensors (few kernel launches): on a GPU, written one tensor at a
+    # time it launched twice the host time (benchmarks/bench_cuda.py --variants). The
+    # hyperparameters are 0-dim tensors so that a learning-rate schedule does not recompile.
+    d = torch._foreach_sub(ps, inits)
+    torch._foreach_mul_(d, omegas)
+    torch._foreach_mul_(d, coef)                       # 2λΩ(θ − θ*)   (Eq. 3)
+    if maximize:
+        torch._foreach_sub_(d, gs)
+    else:
+        torch._foreach_add_(d, gs)
+    torch._foreach_add_(d, torch._foreach_mul(ps, weight_decay))
+    if use_momentum:
+        torch._foreach_mul_(bs, momentum)
+        torch._foreach_add_(bs, torch._foreach_mul(d, 1 - dampening))
+        if nesterov:
+            torch._foreach_add_(d, torch._foreach_mul(bs, momentum))
+        else:
+            d = bs
+    torch._foreach_add_(ps, torch._foreach_mul(d, -lr))
 
 
 def _compile_fused_kernel() -> Callable:
-    return torch.compile(_fused_kernel_body, dynamic=True, fullgraph=True)
+    return torch.compile(_fused_kernel_body, fullgraph=True)
 
 
-def _fused_mas_sgd(kernel: Callable, params: List[Tensor], bufs: List[Optional[Tensor]],
-                   terms: List[_Terms], *, lr: float, momentum: float, dampening: float,
-                   weight_decay: float, nesterov: bool, maximize: bool) -> None:
+def _fused_mas_sgd(kernel: Callable, scalars: DeviceScalars, params: List[Tensor],
+                   bufs: List[Optional[Tensor]], terms: List[_Terms], *, lr: float,
+                   momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                   maximize: bool) -> None:
     ps = [local(p) for p in params]
-    scalar = dict(dtype=ps[0].dtype, device=ps[0].device)
     kernel(ps, [local(p.grad) for p in params],
            [local(b) for b in bufs] if momentum != 0 else ps,  # type: ignore[arg-type]
            [local(t.omega) for t in terms], [local(t.init) for t in terms],
-           torch.tensor(lr, **scalar), torch.tensor(momentum, **scalar),
-           torch.tensor(dampening, **scalar), torch.tensor(weight_decay, **scalar),
-           torch.tensor(terms[0].coef, **scalar), momentum != 0, nesterov, maximize)
+           *scalars.get((lr, momentum, dampening, weight_decay, terms[0].coef), ps[0]),
+           momentum != 0, nesterov, maximize)
 
 
 def _proximal_(p: Tensor, omega: Tensor, init_val: Tensor, lr_coef: float) -> None:

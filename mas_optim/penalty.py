@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _kernels
+from ._compiled import DeviceScalars
 from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, local
 from .local_sgd import LocalSgd, _penalty, _proximal_, _slices, _Terms
 from .reg_params import RegParams
@@ -61,6 +62,7 @@ class MasPenalty:
         self.foreach = foreach
         self.fused = fused
         self._fused_kernel: Any = None
+        self._fused_scalars = DeviceScalars()
         self.reg_lambda = as_reg_lambda(reg_lambda)
         self._by_id: Dict[int, str] = {}
         self._cache: Dict[Tensor, _Terms] = {}
@@ -290,7 +292,7 @@ class MasPenalty:
         try:
             self._fused_kernel(grads, ps, [local(t.omega) for t in terms],
                                [local(t.init) for t in terms],
-                               torch.tensor(coef, dtype=ps[0].dtype, device=ps[0].device))
+                               *self._fused_scalars.get((coef,), ps[0]))
             return True
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back
             self._fused_kernel = False

@@ -265,6 +265,7 @@ HYPER = [
     dict(lr=0.05, momentum=0.8, dampening=0.3, nesterov=False),
     dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.02),
     dict(lr=0.05, weight_decay=0.05, maximize=True),
+    dict(lr=0.05, momentum=0.9, weight_decay=0.02, maximize=True),
 ]
 
 
@@ -338,13 +339,45 @@ def test_compiled_kernel_traces_as_one_graph_and_matches_the_penalised_loss(monk
     code, which keeps this test fast."""
     def traced():
         return torch.compile(local_sgd_module._fused_kernel_body, backend="aot_eager",
-                             dynamic=True, fullgraph=True)
+                             fullgraph=True)
 
     monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel", traced)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
         opt = run_against_reference(dict(lr=0.05, momentum=0.9, nesterov=True), fused=True)
     assert opt._fused_kernel not in (None, False)
+
+
+def test_compiled_step_follows_a_learning_rate_schedule(monkeypatch, no_c_kernels):
+    """The compiled step's hyperparameters are device tensors kept between steps: a new lr must
+    reach them (its body runs eagerly here, as in the test above)."""
+    monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel",
+                        lambda: local_sgd_module._fused_kernel_body)
+    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
+    ref, ours = make_model(), make_model()
+    reg = random_reg_params(ref)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
+                   fused=True, **hp)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.3)
+                 for o in (opt_ref, opt)]
+    for x, y in batches(4):
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+        for s in schedules:
+            s.step()
+    assert_same(ref, ours, atol=1e-5)
+
+
+def test_device_scalars_are_kept_and_refilled_where_a_value_changed():
+    """No new tensor per step (on a GPU, torch.tensor(x, device=...) would wait for it)."""
+    from mas_optim._compiled import DeviceScalars
+    scalars, like = DeviceScalars(), torch.zeros(3, dtype=torch.float64)
+    first = scalars.get((0.1, 0.9), like)
+    again = scalars.get((0.05, 0.9), like)
+    assert all(a is b for a, b in zip(first, again))
+    assert [t.item() for t in again] == [0.05, 0.9]
+    assert again[0].dtype == torch.float64 and again[0].dim() == 0
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
