@@ -7,7 +7,9 @@ the baseline for LocalSgd's default (the same multi-tensor path with the penalty
 paths; torch's ``fused=True`` SGD is timed as a peer. AdamW (``foreach=True``, and
 ``fused=True``) is the baseline for the same AdamW with ``add_mas_penalty``. Each candidate is
 paired with its baseline alone, alternating, medians of paired repeats; the clock synchronises
-the GPU. Needs torchvision. Run:  python benchmarks/bench_cuda.py
+the GPU. ``--variants`` also times four ways of writing and compiling LocalSgd's compiled step
+(how the shipped one was chosen). Needs torchvision. Run:  python benchmarks/bench_cuda.py
+(``--device cpu`` runs it small on the CPU, as a check of the script, not a measurement).
 """
 from __future__ import annotations
 
