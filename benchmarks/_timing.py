@@ -1,4 +1,4 @@
-"""Shared timing helper: medians of paired repeats, each fn relative to the first."""
+"""Shared timing helpers: medians of paired repeats, each fn relative to the first."""
 from __future__ import annotations
 
 import statistics
@@ -27,4 +27,17 @@ def paired(fns: Dict[str, Callable[[], None]], repeats: int, inner: int,
             ratios[n].append(t[n] / t[names[0]])
     out = {n: statistics.median(v) for n, v in ratios.items()}
     out["baseline_ms"] = statistics.median(base_times) * 1e3
+    return out
+
+
+def each_against_baseline(fns: Dict[str, Callable[[], None]], repeats: int, inner: int,
+                          clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Each candidate paired with the first fn (the baseline) alone, the two alternating, so
+    that no third model's memory sits between them: each ratio is one A/B comparison."""
+    names = list(fns)
+    out: Dict[str, float] = {}
+    for name in names[1:]:
+        r = paired({"baseline": fns[names[0]], name: fns[name]}, repeats, inner, clock)
+        out[name] = r[name]
+        out.setdefault("baseline_ms", r["baseline_ms"])
     return out

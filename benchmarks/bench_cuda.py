@@ -25,9 +25,9 @@ import mas_optim
 from mas_optim import local_sgd
 
 try:
-    from benchmarks._timing import paired
+    from benchmarks._timing import each_against_baseline
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from _timing import paired
+    from _timing import each_against_baseline
 
 
 SIZES = {"cuda": ((224, 64), (32, 128)), "cpu": ((32, 8),)}  # (side, batch)
@@ -55,12 +55,15 @@ def against(baseline: Callable[[], None], candidates: Dict[str, Callable[[], Non
     for f in (baseline, *candidates.values()):  # warm up: state, allocator, cuDNN, compile
         for _ in range(3):
             f()
-    out: Dict[str, float] = {}
-    for name, fn in candidates.items():
-        r = paired({"baseline": baseline, name: fn}, repeats, inner, clock=clock)
-        out[name] = r[name]
-        out.setdefault("baseline_ms", r["baseline_ms"])
-    return out
+    return each_against_baseline({"baseline": baseline, **candidates}, repeats, inner, clock)
+
+
+def resnet18_with_grads(device: torch.device) -> nn.Module:
+    """For the step alone: the same gradients at every step."""
+    model = resnet18(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
 
 
 def training_steps(device: torch.device, side: int, batch: int, repeats: int, inner: int,
@@ -107,35 +110,29 @@ def training_steps(device: torch.device, side: int, batch: int, repeats: int, in
 def step_alone(device: torch.device, repeats: int, inner: int,
                compiled: bool) -> Dict[str, Dict[str, float]]:
     """optimizer.step() alone on ResNet-18's 62 tensors, the same gradients every time."""
-    def model_with_grads():
-        model = resnet18(device)
-        for p in model.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-        return model
-
     hp, lam = dict(lr=1e-3, momentum=0.9), 0.01
 
     def local(**options):
-        m = model_with_grads()
+        m = resnet18_with_grads(device)
         return mas_optim.LocalSgd(m.named_parameters(), reg_params=reg_params_for(m),
                                   reg_lambda=lam, **hp, **options).step
 
     def adamw(penalty: Optional[dict] = None):
-        m = model_with_grads()
+        m = resnet18_with_grads(device)
         opt = torch.optim.AdamW(m.named_parameters(), lr=1e-3, foreach=True)
         if penalty is not None:
             mas_optim.add_mas_penalty(opt, reg_params_for(m), reg_lambda=lam, **penalty)
         return opt.step
 
     sgd = {"LocalSgd": local(), "LocalSgd uncached": local(cache_penalty=False),
-           "torch SGD fused": torch.optim.SGD(model_with_grads().parameters(), fused=True,
-                                              **hp).step}
+           "torch SGD fused": torch.optim.SGD(resnet18_with_grads(device).parameters(),
+                                              fused=True, **hp).step}
     adam = {"add_mas_penalty": adamw({})}
     if compiled:
         sgd["LocalSgd compiled"] = local(fused=True)
         adam["add_mas_penalty compiled"] = adamw(dict(fused=True))
-    return {"sgd": against(torch.optim.SGD(model_with_grads().parameters(), foreach=True,
-                                           **hp).step, sgd, repeats, inner),
+    return {"sgd": against(torch.optim.SGD(resnet18_with_grads(device).parameters(),
+                                           foreach=True, **hp).step, sgd, repeats, inner),
             "adamw": against(adamw(), adam, repeats, inner)}
 
 
@@ -174,9 +171,7 @@ def compiled_variants(device: torch.device, repeats: int) -> None:
     y = torch.randint(0, 10, (128,), device=device)
 
     def make(label: Optional[str], with_grads: bool):
-        model = resnet18(device)
-        for p in model.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
+        model = resnet18_with_grads(device)  # the compiling steps need gradients
         if label is None:
             opt = torch.optim.SGD(model.parameters(), foreach=True, **hp)
         else:

@@ -24,9 +24,9 @@ import mas_optim
 from mas_optim import _kernels
 
 try:
-    from benchmarks._timing import paired
+    from benchmarks._timing import each_against_baseline
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from _timing import paired
+    from _timing import each_against_baseline
 
 
 def mlp(hidden: int) -> nn.Module:
@@ -125,19 +125,6 @@ def bench_step(make_model: Callable[[], nn.Module], repeats: int,
         f()
     return {"sgd": each_against_baseline(sgd_fns, repeats, inner),
             "adamw": each_against_baseline(adam_fns, repeats, inner)}
-
-
-def each_against_baseline(fns: Dict[str, Callable[[], None]], repeats: int,
-                          inner: int) -> Dict[str, float]:
-    """Each candidate paired with the baseline alone (the two alternate), so that no third
-    model's memory sits between them: each ratio is one A/B comparison."""
-    names = list(fns)
-    out: Dict[str, float] = {}
-    for name in names[1:]:
-        r = paired({"baseline": fns[names[0]], name: fns[name]}, repeats, inner)
-        out[name] = r[name]
-        out.setdefault("baseline_ms", r["baseline_ms"])
-    return out
 
 
 def bench_step_alone(repeats: int, inner: int = 50) -> Dict[str, Dict[str, float]]:

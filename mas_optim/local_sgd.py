@@ -122,7 +122,7 @@ class LocalSgd(torch.optim.SGD):
         self._penalty_cache: Dict[Tensor, _Terms] = {}
         self._plans: Dict[int, _GroupPlan] = {}
         self._fused_kernel: Optional[Callable] = None
-        self._fused_scalars: Dict[int, DeviceScalars] = {}
+        self._fused_scalars = DeviceScalars()
         self._reg_params: RegParams = {}
         self.reg_params = reg_params if reg_params is not None else {}
 
@@ -167,7 +167,7 @@ class LocalSgd(torch.optim.SGD):
         self._penalty_cache = {}
         self._plans = {}
         self._fused_kernel = None
-        self._fused_scalars = {}
+        self._fused_scalars = DeviceScalars()
         for group in self.param_groups:
             for key in _MAS_KEYS:
                 group.setdefault(key, self._mas_defaults[key])
@@ -433,9 +433,8 @@ class LocalSgd(torch.optim.SGD):
                 self._fused_kernel = _compile_fused_kernel()
             if self._fused_kernel is not False:
                 try:
-                    _fused_mas_sgd(self._fused_kernel,
-                                   self._fused_scalars.setdefault(id(group), DeviceScalars()),
-                                   params, bufs, terms, **hyper)
+                    _fused_mas_sgd(self._fused_kernel, self._fused_scalars, params, bufs, terms,
+                                   **hyper)
                     return
                 except Exception as e:  # noqa: BLE001 - any compiler failure falls back
                     self._fused_kernel = False
@@ -698,11 +697,11 @@ def _multi_tensor_mas_sgd(
     _foreach_add_penalty(d, ps, terms, 1.0)
     if weight_decay != 0:
         torch._foreach_add_(d, ps, alpha=weight_decay)
-    if momentum != 0:
+    if momentum != 0:  # with nesterov: the other momentum cases returned above
         bs = [local(b) for b in bufs]  # type: ignore[arg-type]
         torch._foreach_mul_(bs, momentum)
         torch._foreach_add_(bs, d, alpha=1.0 - dampening)
-        torch._foreach_add_(d, bs, alpha=momentum)  # nesterov
+        torch._foreach_add_(d, bs, alpha=momentum)
     torch._foreach_add_(ps, d, alpha=-lr)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 import mas_optim
 from mas_optim import LocalSgd
 from mas_optim import local_sgd as local_sgd_module
+from mas_optim._compiled import DeviceScalars
 from optim_reference import autograd_penalty, batches, random_reg_params, step
 from optim_reference import make_mlp as make_model
 
@@ -371,7 +372,6 @@ def test_compiled_step_follows_a_learning_rate_schedule(monkeypatch, no_c_kernel
 
 def test_device_scalars_are_kept_and_refilled_where_a_value_changed():
     """No new tensor per step (on a GPU, torch.tensor(x, device=...) would wait for it)."""
-    from mas_optim._compiled import DeviceScalars
     scalars, like = DeviceScalars(), torch.zeros(3, dtype=torch.float64)
     first = scalars.get((0.1, 0.9), like)
     again = scalars.get((0.05, 0.9), like)
