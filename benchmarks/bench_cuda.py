@@ -10,10 +10,15 @@ paired with its baseline alone, alternating, medians of paired repeats; the cloc
 the GPU. ``--variants`` also times four ways of writing and compiling LocalSgd's compiled step
 (how the shipped one was chosen). Needs torchvision. Run:  python benchmarks/bench_cuda.py
 (``--device cpu`` runs it small on the CPU, as a check of the script, not a measurement).
+
+``--host`` measures, on the CPU, what the host spends per optimizer step with torch's
+multi-tensor kernels replaced by no-ops: the part of a GPU step that no GPU makes faster, and
+all a launch-bound step waits for.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import types
 from typing import Callable, Dict, Optional
@@ -136,6 +141,49 @@ def step_alone(device: torch.device, repeats: int, inner: int,
             "adamw": against(adamw(), adam, repeats, inner)}
 
 
+@contextlib.contextmanager
+def foreach_kernels_do_nothing():
+    """torch's ``_foreach_*`` kernels replaced by no-ops, so that a step's time is its host
+    time: Python, dispatch and the lists handed to the kernels."""
+    saved = {k: getattr(torch, k) for k in dir(torch) if k.startswith("_foreach_")}
+    for k in saved:
+        setattr(torch, k, (lambda *a, **kw: None) if k.endswith("_")
+                else (lambda *a, **kw: list(a[0])))
+    try:
+        yield
+    finally:
+        for k, f in saved.items():
+            setattr(torch, k, f)
+
+
+def host_time(repeats: int, inner: int) -> Dict[str, Dict[str, float]]:
+    """What the host spends per optimizer step on ResNet-18's 62 tensors, on the CPU, every
+    optimizer on its multi-tensor path, the kernels doing nothing: on a GPU, where the kernels
+    run asynchronously, this is what a launch-bound step waits for."""
+    device, hp, lam = torch.device("cpu"), dict(lr=1e-3, momentum=0.9, foreach=True), 0.01
+
+    def stepped(opt):
+        for _ in range(3):  # real steps first: momentum buffers, Adam's moments, plans
+            opt.step()
+        return opt.step
+
+    def adamw(penalty: bool):
+        m = resnet18_with_grads(device)
+        opt = torch.optim.AdamW(m.named_parameters(), lr=1e-3, foreach=True)
+        if penalty:
+            mas_optim.add_mas_penalty(opt, reg_params_for(m), reg_lambda=lam, foreach=True)
+        return stepped(opt)
+
+    m = resnet18_with_grads(device)
+    local_sgd = stepped(mas_optim.LocalSgd(m.named_parameters(), reg_params=reg_params_for(m),
+                                           reg_lambda=lam, **hp))
+    sgd = stepped(torch.optim.SGD(resnet18_with_grads(device).parameters(), **hp))
+    penalised, plain = adamw(True), adamw(False)
+    with foreach_kernels_do_nothing():
+        return {"sgd": against(sgd, {"LocalSgd": local_sgd}, repeats, inner),
+                "adamw": against(plain, {"add_mas_penalty": penalised}, repeats, inner)}
+
+
 def _loop_body(ps, gs, bs, omegas, inits, lr, momentum, dampening, weight_decay, coef,
                use_momentum, nesterov, maximize):
     """The compiled step written one tensor at a time (the library's until this benchmark)."""
@@ -213,6 +261,16 @@ def compiled_variants(device: torch.device, repeats: int) -> None:
               + "   ".join(f"{k} {v:.3f}x" for k, v in r.items()))
 
 
+def main_host(repeats: int) -> None:
+    print(f"CPU, torch {torch.__version__}; host time per optimizer step, the multi-tensor "
+          "kernels doing nothing; time / time(torch optimizer), medians of paired repeats")
+    r = host_time(repeats, inner=200)
+    for key, title in (("sgd", "SGD foreach"), ("adamw", "AdamW foreach")):
+        s = r[key]
+        print(f"Host time per step, ResNet-18 (62 tensors), {title} {1e3 * s.pop('baseline_ms'):.0f} "
+              "us:  " + "   ".join(f"{k} {v:.3f}x" for k, v in s.items()))
+
+
 def main(device: torch.device, repeats: int, compiled: bool, variants: bool) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}; "
@@ -245,7 +303,11 @@ if __name__ == "__main__":
                         help="also time four ways of writing and compiling the fused step")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default), or cpu for a smoke run of this script")
+    parser.add_argument("--host", action="store_true",
+                        help="only the host time per optimizer step, measured on the CPU")
     args = parser.parse_args()
+    if args.host:
+        raise SystemExit(main_host(args.repeats))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_cuda.py: needs a CUDA GPU (torch.cuda.is_available() is False)")
     main(torch.device(args.device), args.repeats, compiled=not args.no_compile,

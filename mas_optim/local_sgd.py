@@ -21,6 +21,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from . import _kernels
 from ._compiled import DeviceScalars
+from ._foreach import ForeachPenalty, ForeachPlan, add_penalty_, penalty_lists
 from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, is_sharded, local
 from .reg_params import RegParams
 
@@ -120,7 +121,7 @@ class LocalSgd(torch.optim.SGD):
         self.track_path_integral = bool(track_path_integral)
         self.cache_penalty = bool(cache_penalty)
         self._penalty_cache: Dict[Tensor, _Terms] = {}
-        self._plans: Dict[int, _GroupPlan] = {}
+        self._plans: Dict[int, Union[_GroupPlan, ForeachPlan]] = {}
         self._fused_kernel: Optional[Callable] = None
         self._fused_scalars = DeviceScalars()
         self._reg_params: RegParams = {}
@@ -264,11 +265,14 @@ class LocalSgd(torch.optim.SGD):
         coef = 2.0 * float(group["reg_lambda"])
         momentum, proximal, track = group["momentum"], group["proximal"], self.track_path_integral
         kernels = self._kernels(group) if coef != 0 else None
-        if kernels is not None and not track and self._planned_kernel_step(
-                kernels, group, index, lr, coef):
-            return
+        if not track and coef != 0:
+            if kernels is not None:
+                if self._planned_kernel_step(kernels, group, index, lr, coef):
+                    return
+            elif self._planned_foreach_step(group, index, lr, coef):
+                return
         plain_p, plain_g, plain_buf = [], [], []
-        reg_p, reg_terms = [], []
+        reg_p, reg_terms, reg_names = [], [], []
         kernel_items: List[Tuple[Tensor, Tensor, Tensor, Optional[Tensor], _Terms]] = []
         cache = (self.cache_penalty and coef != 0 and not proximal and not group["fused"]
                  and kernels is None)
@@ -297,6 +301,7 @@ class LocalSgd(torch.optim.SGD):
             if terms is not None:
                 reg_p.append(p)
                 reg_terms.append(terms)
+                reg_names.append(name)
 
         if plain_p:  # torch's own SGD update, unchanged
             _torch_sgd(plain_p, plain_g, plain_buf, weight_decay=group["weight_decay"],
@@ -321,7 +326,14 @@ class LocalSgd(torch.optim.SGD):
             for p, terms in zip(reg_p, reg_terms):
                 _proximal_(local(p), local(terms.omega), local(terms.init), lr * coef)
         elif reg_p:
-            self._penalised_sgd(group, reg_p, reg_terms, lr)
+            multi_tensor = self._penalised_sgd(group, reg_p, reg_terms, lr)
+            if (multi_tensor and not track and not plain_p and not kernel_items
+                    and not any(is_sharded(p) for p in group["params"])):
+                self._plans[index] = ForeachPlan.build(
+                    group["params"], group_names(group, index),
+                    _foreach_switches(self, group, coef),
+                    [(p, n, self._reg_params[n]) for p, n in zip(reg_p, reg_names)],
+                    penalty_lists(reg_terms), self.state.get, momentum != 0)
 
         if track:
             for p in group["params"]:
@@ -336,8 +348,8 @@ class LocalSgd(torch.optim.SGD):
         gradient of its own. Anything else: False, nothing done, and the full step runs."""
         plan = self._plans.get(index)
         params = group["params"]
-        if plan is None or plan.params is not params or len(params) != len(plan.items) \
-                or plan.coef != coef or plan.dtype is None:
+        if not isinstance(plan, _GroupPlan) or plan.params is not params \
+                or len(params) != len(plan.items) or plan.coef != coef or plan.dtype is None:
             return False
         reg, momentum, states = self._reg_params, group["momentum"], self.state
         flags = _kernel_flags(group)
@@ -369,6 +381,23 @@ class LocalSgd(torch.optim.SGD):
             rows.append((ptrs[0], gp, bp, ptrs[1], ptrs[2], p.numel(), flags))
         if rows:
             kernels.sgd(plan.dtype, list(zip(*rows)), _kernel_scalars(group, lr, coef))
+        return True
+
+    def _planned_foreach_step(self, group: dict, index: int, lr: float, coef: float) -> bool:
+        """The multi-tensor step of a group that the last step gave wholly to that path, from
+        the lists kept since (see :mod:`mas_optim._foreach`); False, nothing done, where
+        anything they depend on changed."""
+        plan = self._plans.get(index)
+        if not isinstance(plan, ForeachPlan):
+            return False
+        gs = plan.grads(group["params"], _foreach_switches(self, group, coef), self._reg_params,
+                        self.state)
+        if gs is None:
+            return False
+        _multi_tensor_mas_sgd(plan.ps, gs, plan.bs, plan.penalty, lr=lr,
+                              momentum=group["momentum"], dampening=group["dampening"],
+                              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                              maximize=group["maximize"])
         return True
 
     def _kernels(self, group: dict) -> Optional[_kernels.Kernels]:
@@ -409,7 +438,9 @@ class LocalSgd(torch.optim.SGD):
             kernels.sgd(dtype, list(zip(*entries)), scalars)
 
     def _penalised_sgd(self, group: dict, params: List[Tensor], terms: List["_Terms"],
-                       lr: float) -> None:
+                       lr: float) -> bool:
+        """The explicit penalised step of ``params``; True if the multi-tensor path stepped
+        them all (the next step may then be planned, see :meth:`_planned_foreach_step`)."""
         momentum = group["momentum"]
         bufs: List[Optional[Tensor]] = [self.state[p].get("momentum_buffer") for p in params]
         hyper = dict(lr=lr, momentum=momentum, dampening=group["dampening"],
@@ -427,7 +458,7 @@ class LocalSgd(torch.optim.SGD):
             kept = [i for i in range(len(params)) if i not in set(fresh)]
             params, bufs, terms = ([xs[i] for i in kept] for xs in (params, bufs, terms))
             if not params:
-                return
+                return False
         if group["fused"]:
             if self._fused_kernel is None:
                 self._fused_kernel = _compile_fused_kernel()
@@ -435,7 +466,7 @@ class LocalSgd(torch.optim.SGD):
                 try:
                     _fused_mas_sgd(self._fused_kernel, self._fused_scalars, params, bufs, terms,
                                    **hyper)
-                    return
+                    return False
                 except Exception as e:  # noqa: BLE001 - any compiler failure falls back
                     self._fused_kernel = False
                     c_kernel = (f"C kernel: {_kernels.reason()}; "
@@ -449,9 +480,12 @@ class LocalSgd(torch.optim.SGD):
         if foreach is None:
             foreach = all(local(p).device.type == "cuda" for p in params)
         if foreach:
-            _multi_tensor_mas_sgd(params, bufs, terms, **hyper)
+            _multi_tensor_mas_sgd([local(p) for p in params], [local(p.grad) for p in params],
+                                  [local(b) for b in bufs] if momentum != 0 else [],
+                                  penalty_lists(terms), **hyper)
         else:
             _single_tensor_mas_sgd(params, bufs, terms, **hyper)
+        return foreach
 
     # ------------------------------------------------------------------ logging and SI
 
@@ -513,6 +547,12 @@ class _GroupPlan:
         self.params, self.coef, self.items = group["params"], coef, items
         dtypes = {p.dtype for p, *_ in items}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _foreach_switches(opt: "LocalSgd", group: Mapping[str, Any], coef: float) -> tuple:
+    """What chooses the multi-tensor path and its terms, besides the parameters."""
+    return (coef, group["foreach"], group["fused"], group["proximal"], group["momentum"] != 0,
+            opt.cache_penalty)
 
 
 def _check_same_names(index: int, own: List[Optional[str]], saved: Optional[List[Any]]) -> None:
@@ -674,47 +714,33 @@ def _mas_sgd_(
 
 
 def _multi_tensor_mas_sgd(
-    params: List[Tensor], bufs: List[Optional[Tensor]], terms: List[_Terms], *, lr: float,
-    momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+    ps: List[Tensor], gs: List[Tensor], bs: List[Tensor], penalty: ForeachPenalty, *,
+    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+    maximize: bool,
 ) -> None:
     """The same update with torch's multi-tensor kernels: one launch per pass for all
-    parameters of the group (what torch's SGD does with ``foreach=True``)."""
-    ps = [local(p) for p in params]
-    gs = [local(p.grad) for p in params]
+    parameters of the group (what torch's SGD does with ``foreach=True``). ``bs``: the
+    momentum buffers (empty without momentum); ``penalty``: see :func:`penalty_lists`."""
     if momentum != 0 and not nesterov:
         # b = μb + (1 − τ)(±g + wd·θ + 2λΩ(θ − θ*)), accumulated into b term by term, so the
         # gradients are neither copied nor changed.
-        bs = [local(b) for b in bufs]  # type: ignore[arg-type]
         scale = 1.0 - dampening
         torch._foreach_mul_(bs, momentum)
         torch._foreach_add_(bs, gs, alpha=-scale if maximize else scale)
         if weight_decay != 0:
             torch._foreach_add_(bs, ps, alpha=scale * weight_decay)
-        _foreach_add_penalty(bs, ps, terms, scale)
+        add_penalty_(bs, ps, penalty, scale)
         torch._foreach_add_(ps, bs, alpha=-lr)
         return
     d = torch._foreach_neg(gs) if maximize else torch._foreach_mul(gs, 1.0)
-    _foreach_add_penalty(d, ps, terms, 1.0)
+    add_penalty_(d, ps, penalty, 1.0)
     if weight_decay != 0:
         torch._foreach_add_(d, ps, alpha=weight_decay)
     if momentum != 0:  # with nesterov: the other momentum cases returned above
-        bs = [local(b) for b in bufs]  # type: ignore[arg-type]
         torch._foreach_mul_(bs, momentum)
         torch._foreach_add_(bs, d, alpha=1.0 - dampening)
         torch._foreach_add_(d, bs, alpha=momentum)
     torch._foreach_add_(ps, d, alpha=-lr)
-
-
-def _foreach_add_penalty(out: List[Tensor], ps: List[Tensor], terms: List[_Terms],
-                         scale: float) -> None:
-    """out += scale · 2λΩ(θ − θ*) (Eq. 3), from the cached 2λΩ and 2λΩθ* where all are held."""
-    if all(t.slope is not None for t in terms):
-        torch._foreach_addcmul_(out, [t.slope for t in terms], ps, value=scale)
-        torch._foreach_sub_(out, [t.offset for t in terms], alpha=scale)
-    else:
-        diff = torch._foreach_sub(ps, [local(t.init) for t in terms])
-        torch._foreach_mul_(diff, [local(t.omega) for t in terms])
-        torch._foreach_add_(out, diff, alpha=terms[0].coef * scale)
 
 
 def _fused_kernel_body(ps: List[Tensor], gs: List[Tensor], bs: List[Tensor],

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from . import _kernels
 from ._compiled import DeviceScalars
-from ._validate import as_reg_lambda, check_entry, check_reg_params, group_names, local
+from ._foreach import ForeachPlan, add_penalty_, penalty_lists
+from ._validate import (as_reg_lambda, check_entry, check_reg_params, group_names, is_sharded,
+                        local)
 from .local_sgd import LocalSgd, _penalty, _proximal_, _slices, _Terms
 from .reg_params import RegParams
 
@@ -66,6 +68,7 @@ class MasPenalty:
         self.reg_lambda = as_reg_lambda(reg_lambda)
         self._by_id: Dict[int, str] = {}
         self._cache: Dict[Tensor, _Terms] = {}
+        self._plans: Dict[int, ForeachPlan] = {}
         self._reg_params: RegParams = {}
         self.reg_params = reg_params
         self._hidden: List[Tuple[Tensor, Tensor]] = []
@@ -116,8 +119,9 @@ class MasPenalty:
                     yield name, p
 
     def _regularised(self, group: Mapping, index: int, coef: float):
-        """(parameters, terms) of the group's parameters that have a gradient and an entry."""
-        params, terms = [], []
+        """(parameters, terms, names) of the group's parameters that have a gradient and an
+        entry."""
+        params, terms, names = [], [], []
         for name, p in zip(self._names(group, index), group["params"]):
             entry = self._reg_params.get(name) if name is not None else None
             if entry is None or p.grad is None:
@@ -132,7 +136,8 @@ class MasPenalty:
                 t = self._cache[p] = _Terms(key, omega, init, coef, self.cache_penalty)
             params.append(p)
             terms.append(t)
-        return params, terms
+            names.append(name)
+        return params, terms, names
 
     # ------------------------------------------------------------------ hooks
 
@@ -165,11 +170,19 @@ class MasPenalty:
             coef = 2.0 * as_reg_lambda(group.get("reg_lambda", self.reg_lambda))
             if coef == 0:
                 continue
-            params, terms = self._regularised(group, i, coef)
-            if not params:
-                continue
             # maximize=True ascends the gradient; the penalty must still be descended.
             sign = -1.0 if group.get("maximize", False) else 1.0
+            switches = (coef, sign, self.foreach, self.fused, self.cache_penalty)
+            plan = self._plans.pop(i, None)
+            if plan is not None:
+                gs = plan.grads(group["params"], switches, self._reg_params)
+                if gs is not None:
+                    add_penalty_(gs, plan.ps, plan.penalty, sign)
+                    self._plans[i] = plan
+                    continue
+            params, terms, names = self._regularised(group, i, coef)
+            if not params:
+                continue
             grads = [local(p.grad) for p in params]
             ps = [local(p) for p in params]
             kernels = self._kernels(ps)
@@ -187,13 +200,15 @@ class MasPenalty:
             if foreach is None:
                 foreach = all(g.device.type == "cuda" for g in grads)
             if foreach:  # one kernel launch per pass for the whole group
-                if self.cache_penalty:  # g += 2λΩ·θ − 2λΩθ*
-                    torch._foreach_addcmul_(grads, [t.slope for t in terms], ps, value=sign)
-                    torch._foreach_add_(grads, [t.offset for t in terms], alpha=-sign)
-                else:  # g += 2λ·Ω(θ − θ*)
-                    diff = torch._foreach_sub(ps, [local(t.init) for t in terms])
-                    torch._foreach_addcmul_(grads, [local(t.omega) for t in terms], diff,
-                                            value=sign * coef)
+                penalty = penalty_lists(terms)
+                add_penalty_(grads, ps, penalty, sign)
+                # Every penalised parameter took it, none sharded: the next step may use these
+                # lists (see mas_optim._foreach).
+                if kernels is None and not any(is_sharded(p) for p in params):
+                    self._plans[i] = ForeachPlan.build(
+                        group["params"], self._names(group, i), switches,
+                        [(p, n, self._reg_params[n]) for p, n in zip(params, names)], penalty,
+                        others_step_alone=True)
                 continue
             for g, p, t in zip(grads, ps, terms):  # on the CPU: slices that stay in cache
                 if self.cache_penalty:
@@ -309,7 +324,7 @@ class MasPenalty:
             if coef == 0:
                 continue
             lr = float(group["lr"])
-            for p, t in zip(*self._regularised(group, i, coef)):
+            for p, t, _ in zip(*self._regularised(group, i, coef)):
                 _proximal_(local(p), local(t.omega), local(t.init), lr * coef)
 
     @torch.no_grad()
