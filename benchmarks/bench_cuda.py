@@ -174,13 +174,17 @@ def host_time(repeats: int, inner: int) -> Dict[str, Dict[str, float]]:
             mas_optim.add_mas_penalty(opt, reg_params_for(m), reg_lambda=lam, foreach=True)
         return stepped(opt)
 
-    m = resnet18_with_grads(device)
-    local_sgd = stepped(mas_optim.LocalSgd(m.named_parameters(), reg_params=reg_params_for(m),
-                                           reg_lambda=lam, **hp))
+    def local(head_entry: bool = True):
+        m = resnet18_with_grads(device)
+        reg = {n: e for n, e in reg_params_for(m).items() if head_entry or not n.startswith("fc.")}
+        return stepped(mas_optim.LocalSgd(m.named_parameters(), reg_params=reg, reg_lambda=lam,
+                                          **hp))
+
     sgd = stepped(torch.optim.SGD(resnet18_with_grads(device).parameters(), **hp))
+    candidates = {"LocalSgd": local(), "LocalSgd, head without entry": local(head_entry=False)}
     penalised, plain = adamw(True), adamw(False)
     with foreach_kernels_do_nothing():
-        return {"sgd": against(sgd, {"LocalSgd": local_sgd}, repeats, inner),
+        return {"sgd": against(sgd, candidates, repeats, inner),
                 "adamw": against(plain, {"add_mas_penalty": penalised}, repeats, inner)}
 
 

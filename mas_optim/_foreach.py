@@ -39,75 +39,98 @@ def add_penalty_(out: List[Tensor], ps: List[Tensor], penalty: ForeachPenalty,
 
 class ForeachPlan:
     """``items``: one per parameter of the group, in order: (θ, name, entry, Ω, θ*, Ω version,
-    θ* version, shape, optimizer state, momentum buffer); entry None for a parameter the plan
-    does not penalise. ``ps``, ``bs`` and ``penalty``: the lists of those it does.
+    θ* version, shape, optimizer state, momentum buffer, plain); entry None for a parameter the
+    plan does not penalise, ``plain`` True for one of those that the plan steps without the
+    penalty (LocalSgd's parameters without an entry). ``ps``, ``bs`` and ``penalty``: the lists
+    of the penalised parameters; ``plain_ps``, ``plain_bs``: of the plain ones.
 
     ``others_step_alone``: a parameter without a reg_params entry is stepped by the optimizer
-    itself and may have a gradient (add_mas_penalty's hook); otherwise (LocalSgd, which would
-    have to step it) the plan holds only while such a parameter has no gradient."""
+    itself and may have a gradient (add_mas_penalty's hook); otherwise (LocalSgd) the plan
+    holds only while the parameters it steps have gradients and the others have none."""
 
-    __slots__ = ("params", "switches", "items", "ps", "bs", "penalty", "others_step_alone")
+    __slots__ = ("params", "switches", "items", "ps", "bs", "penalty", "plain_ps", "plain_bs",
+                 "others_step_alone")
 
-    def __init__(self, params: List[Tensor], switches: tuple, items: list, ps: List[Tensor],
-                 bs: List[Tensor], penalty: ForeachPenalty, others_step_alone: bool) -> None:
-        self.params, self.switches, self.items = params, switches, items
-        self.ps, self.bs, self.penalty = ps, bs, penalty
-        self.others_step_alone = others_step_alone
+    def __init__(self, params: List[Tensor], switches: tuple, others_step_alone: bool) -> None:
+        self.params, self.switches, self.others_step_alone = params, switches, others_step_alone
+        self.items: list = []
+        self.ps: List[Tensor] = []
+        self.bs: List[Tensor] = []
+        self.plain_ps: List[Tensor] = []
+        self.plain_bs: List[Optional[Tensor]] = []
+        self.penalty: ForeachPenalty = ([], [], None)
 
     @classmethod
     def build(cls, params: List[Tensor], names: Sequence[Optional[str]], switches: tuple,
               stepped: Sequence[Tuple[Tensor, str, Mapping[str, Tensor]]],
               penalty: ForeachPenalty, state: Optional[Callable[[Tensor], Any]] = None,
-              momentum: bool = False, others_step_alone: bool = False) -> "ForeachPlan":
+              momentum: bool = False, plain: Sequence[Tensor] = (),
+              others_step_alone: bool = False) -> "ForeachPlan":
         """``names``: the group's parameter names (None: unnamed); ``stepped``: (θ, name,
-        entry) of the parameters the full step just penalised, in the group's order;
-        ``state(θ)``: the optimizer's state dict of θ, where it is to be kept (LocalSgd's
-        momentum buffer)."""
+        entry) of the parameters the full step just penalised, ``plain``: those it stepped
+        without the penalty; ``state(θ)``: the optimizer's state dict of θ, where it is to be
+        kept (LocalSgd's momentum buffers, which the step must have made already)."""
+        plan = cls(params, switches, others_step_alone)
+        plan.penalty = penalty
         by_id = {id(p): entry for p, _, entry in stepped}
-        items, bs = [], []
+        plain_ids = {id(p) for p in plain}
         for p, name in zip(params, names):
             entry = by_id.get(id(p))
-            if entry is None:
-                items.append((p, name, None, None, None, 0, 0, None, None, None))
-                continue
-            st = state(p) if state is not None else None
+            is_plain = id(p) in plain_ids
+            st = state(p) if state is not None and (entry is not None or is_plain) else None
             buf = st.get("momentum_buffer") if momentum and st is not None else None
-            omega, init = entry["omega"], entry["init_val"]
-            items.append((p, name, entry, omega, init, omega._version, init._version, p.shape,
-                          st, buf))
-            if momentum:
-                bs.append(buf)
-        return cls(params, switches, items, [p for p, _, _ in stepped], bs, penalty,
-                   others_step_alone)
+            if entry is not None:
+                omega, init = entry["omega"], entry["init_val"]
+                plan.items.append((p, name, entry, omega, init, omega._version, init._version,
+                                   p.shape, st, buf, False))
+                plan.ps.append(p)
+                if momentum:
+                    plan.bs.append(buf)
+                continue
+            plan.items.append((p, name, None, None, None, 0, 0, None, st, buf, is_plain))
+            if is_plain:
+                plan.plain_ps.append(p)
+                plan.plain_bs.append(buf)
+        return plan
 
     def grads(self, params: List[Tensor], switches: tuple, reg_params: Mapping[str, Any],
-              states: Optional[Mapping[Tensor, Any]] = None) -> Optional[List[Tensor]]:
-        """The gradients to step with, if nothing the plan took has changed; else None.
+              states: Optional[Mapping[Tensor, Any]] = None
+              ) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
+        """The gradients to step with (penalised, plain), if nothing the plan took has
+        changed; else None.
 
         Checked: the same parameter objects, with gradients where they had them and none
         where the plan would leave them unstepped, the same reg_params entries holding the
-        same Ω and θ* at the same versions (no in-place change), the same shapes, the same
-        ``switches`` (what chose the path), and with ``states`` the same optimizer state and
-        momentum buffer objects."""
+        same Ω and θ* at the same versions (no in-place change) and still none for the plain
+        ones, the same shapes, the same ``switches`` (what chose the path), and with ``states``
+        the same optimizer state and momentum buffer objects."""
         if self.params is not params or len(params) != len(self.items) \
                 or self.switches != switches:
             return None
-        gs = []
-        for q, (p, name, entry, omega, init, ov, iv, shape, st, buf) in zip(params, self.items):
+        gs: List[Tensor] = []
+        plain_gs: List[Tensor] = []
+        for q, (p, name, entry, omega, init, ov, iv, shape, st, buf, plain) in zip(
+                params, self.items):
             grad = p.grad
             if q is not p:
                 return None
-            if entry is None:  # not penalised when planned
+            if entry is not None:
+                if (grad is None or grad.is_sparse or reg_params.get(name) is not entry
+                        or entry["omega"] is not omega or entry["init_val"] is not init
+                        or omega._version != ov or init._version != iv or p.shape != shape):
+                    return None
+                gs.append(grad)
+            elif plain:
+                if grad is None or grad.is_sparse or (
+                        name is not None and reg_params.get(name) is not None):
+                    return None
+                plain_gs.append(grad)
+            else:  # neither penalised nor stepped when planned
                 if grad is not None and not (self.others_step_alone and (
                         name is None or reg_params.get(name) is None)):
                     return None
                 continue
-            if (grad is None or grad.is_sparse or reg_params.get(name) is not entry
-                    or entry["omega"] is not omega or entry["init_val"] is not init
-                    or omega._version != ov or init._version != iv or p.shape != shape):
-                return None
             if states is not None and (states.get(p) is not st or (
                     buf is not None and st.get("momentum_buffer") is not buf)):
                 return None
-            gs.append(grad)
-        return gs
+        return gs, plain_gs

@@ -327,13 +327,13 @@ class LocalSgd(torch.optim.SGD):
                 _proximal_(local(p), local(terms.omega), local(terms.init), lr * coef)
         elif reg_p:
             multi_tensor = self._penalised_sgd(group, reg_p, reg_terms, lr)
-            if (multi_tensor and not track and not plain_p and not kernel_items
+            if (multi_tensor and not track and not kernel_items
                     and not any(is_sharded(p) for p in group["params"])):
                 self._plans[index] = ForeachPlan.build(
                     group["params"], group_names(group, index),
                     _foreach_switches(self, group, coef),
                     [(p, n, self._reg_params[n]) for p, n in zip(reg_p, reg_names)],
-                    penalty_lists(reg_terms), self.state.get, momentum != 0)
+                    penalty_lists(reg_terms), self.state.get, momentum != 0, plain_p)
 
         if track:
             for p in group["params"]:
@@ -390,10 +390,17 @@ class LocalSgd(torch.optim.SGD):
         plan = self._plans.get(index)
         if not isinstance(plan, ForeachPlan):
             return False
-        gs = plan.grads(group["params"], _foreach_switches(self, group, coef), self._reg_params,
-                        self.state)
-        if gs is None:
+        planned = plan.grads(group["params"], _foreach_switches(self, group, coef),
+                             self._reg_params, self.state)
+        if planned is None:
             return False
+        gs, plain_gs = planned
+        if plain_gs:  # torch's own SGD update, as in the full step
+            _torch_sgd(plan.plain_ps, plain_gs, list(plan.plain_bs),
+                       weight_decay=group["weight_decay"], momentum=group["momentum"], lr=lr,
+                       dampening=group["dampening"], nesterov=group["nesterov"],
+                       maximize=group["maximize"], has_sparse_grad=False,
+                       foreach=group["foreach"], fused=group["fused"] or None)
         _multi_tensor_mas_sgd(plan.ps, gs, plan.bs, plan.penalty, lr=lr,
                               momentum=group["momentum"], dampening=group["dampening"],
                               weight_decay=group["weight_decay"], nesterov=group["nesterov"],

@@ -175,9 +175,9 @@ class MasPenalty:
             switches = (coef, sign, self.foreach, self.fused, self.cache_penalty)
             plan = self._plans.pop(i, None)
             if plan is not None:
-                gs = plan.grads(group["params"], switches, self._reg_params)
-                if gs is not None:
-                    add_penalty_(gs, plan.ps, plan.penalty, sign)
+                planned = plan.grads(group["params"], switches, self._reg_params)
+                if planned is not None:
+                    add_penalty_(planned[0], plan.ps, plan.penalty, sign)
                     self._plans[i] = plan
                     continue
             params, terms, names = self._regularised(group, i, coef)

@@ -66,7 +66,25 @@ CHANGES = {
     "momentum buffer changed in place": (
         lambda m, o, r: o.state[m[0].bias]["momentum_buffer"].zero_(),
         lambda m, o, r: o.state[m[0].bias]["momentum_buffer"].zero_()),
+    "head's momentum buffer replaced": (
+        lambda m, o, r: o.state[m[2].bias].__setitem__(
+            "momentum_buffer", o.state[m[2].bias]["momentum_buffer"] * 0.5),
+        lambda m, o, r: o.state[m[2].bias].__setitem__(
+            "momentum_buffer", o.state[m[2].bias]["momentum_buffer"] * 0.5)),
+    "entry given to the head": (
+        lambda m, o, r: r.__setitem__("2.bias", _bias_entry(m)),
+        lambda m, o, r: r.__setitem__("2.bias", _bias_entry(m))),
+    "head frozen": (lambda m, o, r: _freeze_head(m), lambda m, o, r: _freeze_head(m)),
 }
+
+
+def _bias_entry(m):
+    return {"omega": torch.full_like(m[2].bias, 3.0), "init_val": m[2].bias.detach() + 1.0}
+
+
+def _freeze_head(m):
+    m[2].bias.requires_grad_(False)
+    m[2].bias.grad = None
 
 
 def _spy_on_plans(monkeypatch, method):
@@ -81,16 +99,23 @@ def _spy_on_plans(monkeypatch, method):
     return planned
 
 
+# (path, parameters without an entry): the foreach plan also steps those with torch's SGD
+# (a new task's head), the kernel's plan only groups without them.
+SETUPS = {"kernel": ("kernel", ()), "foreach": ("foreach", ()),
+          "foreach-with-head": ("foreach", ("2.bias",))}
+
+
 @pytest.mark.parametrize("change", CHANGES)
-@pytest.mark.parametrize("path", PATHS)
-def test_every_change_between_steps_reaches_the_planned_step(path, change, monkeypatch,
+@pytest.mark.parametrize("setup", SETUPS)
+def test_every_change_between_steps_reaches_the_planned_step(setup, change, monkeypatch,
                                                              request):
+    path, head = SETUPS[setup]
     options, method = PATHS[path]
     if path == "kernel":
         request.getfixturevalue("kernel_calls")  # skips where the C kernels are not built
     lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
     ref, ours = make_mlp(), make_mlp()
-    reg_ref = random_reg_params(ref)
+    reg_ref = random_reg_params(ref, skip=head)
     reg = copy.deepcopy(reg_ref)
     opt_ref = torch.optim.SGD(ref.parameters(), **hp)
     opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, **hp, **options)
@@ -127,12 +152,13 @@ def test_a_new_lambda_reaches_the_planned_step(path, request):
 
 
 def test_the_foreach_plan_is_kept_while_nothing_changes(monkeypatch):
-    """The plan is what saves the host time: it must actually be used, step after step, and
-    with a parameter that never gets a gradient (a frozen layer) in the group."""
+    """The plan is what saves the host time: it must actually be used, step after step, with
+    a parameter that never gets a gradient (a frozen layer) and one without an entry (a head)
+    in the group."""
     ours = make_mlp()
-    ours[2].bias.requires_grad_(False)
-    opt = LocalSgd(ours.named_parameters(), reg_params=random_reg_params(ours), reg_lambda=0.7,
-                   lr=0.05, momentum=0.9, foreach=True)
+    ours[0].bias.requires_grad_(False)
+    opt = LocalSgd(ours.named_parameters(), reg_params=random_reg_params(ours, skip=("2.bias",)),
+                   reg_lambda=0.7, lr=0.05, momentum=0.9, foreach=True)
     planned = _spy_on_plans(monkeypatch, "_planned_foreach_step")
     for x, y in batches(6):
         step(ours, opt, x, y)
@@ -211,10 +237,6 @@ HOOK_CHANGES = {
         lambda m, o, r, h: r.__setitem__("2.bias", _bias_entry(m)),
         lambda m, o, r, h: r.__setitem__("2.bias", _bias_entry(m))),
 }
-
-
-def _bias_entry(m):
-    return {"omega": torch.full_like(m[2].bias, 3.0), "init_val": m[2].bias.detach() + 1.0}
 
 
 def _spy_on_hook_plans(monkeypatch):
