@@ -316,12 +316,19 @@ class LocalSgd(torch.optim.SGD):
         if kernel_items:
             self._kernel_step(kernels, group, kernel_items, lr, coef)
         self._plans.pop(index, None)
-        if (kernel_items and not track and not plain_p and not reg_p
-                and len(kernel_items) == len(group["params"])
+        if (kernel_items and not track and not reg_p
+                and len(kernel_items) + len(plain_p) == len(group["params"])
                 and not any(is_sharded(p) for p in group["params"])):
-            self._plans[index] = _GroupPlan(group, coef, [
-                (p, name, self._reg_params[name], t, state[p]) for (p, _, _, _, t), name in
-                zip(kernel_items, group_names(group, index))])
+            by_id = {id(p): t for p, _, _, _, t in kernel_items}
+            items = []
+            for p, name in zip(group["params"], group_names(group, index)):
+                t = by_id.get(id(p))
+                if t is None:  # no entry: torch's SGD step, with its momentum buffer
+                    items.append((p, name, None, None, state[p],
+                                  state[p].get("momentum_buffer") if momentum != 0 else None))
+                else:
+                    items.append((p, name, self._reg_params[name], t, state[p], None))
+            self._plans[index] = _GroupPlan(group, coef, items)
         if reg_p and proximal:
             for p, terms in zip(reg_p, reg_terms):
                 _proximal_(local(p), local(terms.omega), local(terms.init), lr * coef)
@@ -343,8 +350,9 @@ class LocalSgd(torch.optim.SGD):
     def _planned_kernel_step(self, kernels: _kernels.Kernels, group: dict, index: int,
                              lr: float, coef: float) -> bool:
         """The kernel step of a group whose every parameter the last step gave to the kernel,
-        re-checking only what can change between steps: the same parameters, reg_params
-        entries, Ω and θ* (tensor and version), memory, momentum buffers, and a contiguous
+        or, having no entry, to torch's SGD step (a new task's head), re-checking only what can
+        change between steps: the same parameters, reg_params entries (still none for the
+        others), Ω and θ* (tensor and version), memory, momentum buffers, and a contiguous
         gradient of its own. Anything else: False, nothing done, and the full step runs."""
         plan = self._plans.get(index)
         params = group["params"]
@@ -353,11 +361,17 @@ class LocalSgd(torch.optim.SGD):
             return False
         reg, momentum, states = self._reg_params, group["momentum"], self.state
         flags = _kernel_flags(group)
-        rows = []
-        for q, (p, name, entry, t, state) in zip(params, plan.items):
+        rows, plain = [], []
+        for q, (p, name, entry, t, state, plain_buf) in zip(params, plan.items):
             grad = p.grad
             if q is not p or reg.get(name) is not entry or states.get(p) is not state:
                 return False
+            if entry is None:
+                if grad is None or grad.is_sparse or (
+                        momentum != 0 and state.get("momentum_buffer") is not plain_buf):
+                    return False
+                plain.append((p, grad, plain_buf))
+                continue
             if grad is None:
                 continue
             omega, init = entry["omega"], entry["init_val"]
@@ -379,6 +393,12 @@ class LocalSgd(torch.optim.SGD):
             if gp in ptrs:
                 return False
             rows.append((ptrs[0], gp, bp, ptrs[1], ptrs[2], p.numel(), flags))
+        if plain:  # torch's own SGD update, as in the full step
+            ps, gs, bs = (list(xs) for xs in zip(*plain))
+            _torch_sgd(ps, gs, bs, weight_decay=group["weight_decay"], momentum=momentum, lr=lr,
+                       dampening=group["dampening"], nesterov=group["nesterov"],
+                       maximize=group["maximize"], has_sparse_grad=False,
+                       foreach=group["foreach"], fused=group["fused"] or None)
         if rows:
             kernels.sgd(plan.dtype, list(zip(*rows)), _kernel_scalars(group, lr, coef))
         return True
@@ -545,14 +565,15 @@ def _kernel_scalars(group: Mapping[str, Any], lr: float, coef: float) -> Tuple[f
 
 
 class _GroupPlan:
-    """A param group's parameters as the last step found them, each with its reg_params entry,
-    terms and optimizer state, all taken by the C kernel (see _planned_kernel_step)."""
+    """A param group's parameters as the last step found them: (θ, name, entry, terms, optimizer
+    state, momentum buffer of a parameter without entry), the regularised ones taken by the C
+    kernel, the others (entry None) by torch's SGD step (see _planned_kernel_step)."""
 
     __slots__ = ("params", "coef", "items", "dtype")
 
     def __init__(self, group: Mapping[str, Any], coef: float, items: list) -> None:
         self.params, self.coef, self.items = group["params"], coef, items
-        dtypes = {p.dtype for p, *_ in items}
+        dtypes = {p.dtype for p, _, entry, *_ in items if entry is not None}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else None
 
 

@@ -99,10 +99,10 @@ def _spy_on_plans(monkeypatch, method):
     return planned
 
 
-# (path, parameters without an entry): the foreach plan also steps those with torch's SGD
-# (a new task's head), the kernel's plan only groups without them.
-SETUPS = {"kernel": ("kernel", ()), "foreach": ("foreach", ()),
-          "foreach-with-head": ("foreach", ("2.bias",))}
+# (path, parameters without an entry): both plans step those with torch's SGD (a new task's
+# head).
+SETUPS = {"kernel": ("kernel", ()), "kernel-with-head": ("kernel", ("2.bias",)),
+          "foreach": ("foreach", ()), "foreach-with-head": ("foreach", ("2.bias",))}
 
 
 @pytest.mark.parametrize("change", CHANGES)
