@@ -294,3 +294,25 @@ def test_the_planned_penalty_is_still_descended_under_maximize(monkeypatch):
     assert planned == [False, True, True, True, True]
     for a, b in zip(ref.parameters(), ours.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_planned_proximal_step_with_a_head_equals_the_full_step(monkeypatch, kernel_calls):
+    """train.py's shape on the CPU: proximal=True (its default), a head without an entry. The
+    full step is tested against the proximal map elsewhere (test_kernels.py,
+    test_si_proximal.py); the kernel's plan must give the same numbers. (The foreach path plans
+    only the explicit step.)"""
+    models, used = [], []
+    for planned in (True, False):
+        m = make_mlp()
+        opt = LocalSgd(m.named_parameters(), reg_params=random_reg_params(m, skip=("2.bias",)),
+                       reg_lambda=50.0, lr=0.05, momentum=0.9, proximal=True)
+        if planned:
+            used = _spy_on_plans(monkeypatch, "_planned_kernel_step")
+        else:
+            monkeypatch.setattr(LocalSgd, "_planned_kernel_step", lambda *args: False)
+        for x, y in batches(6):
+            step(m, opt, x, y)
+        models.append(m)
+    assert used == [False, False, True, True, True, True]
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
