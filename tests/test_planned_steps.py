@@ -1,7 +1,9 @@
-"""LocalSgd's planned steps: from the third step on, a group whose every parameter went the same
-way (the C kernel on the CPU, the multi-tensor path on CUDA or with ``foreach=True``) is stepped
-from what the last step found, re-checking only what a loop can change between steps. Every
-such change must still give torch's SGD on the penalised loss."""
+"""Planned steps: from the third step on, a LocalSgd group whose regularised parameters went the
+same way (the C kernel on the CPU, the multi-tensor path on CUDA or with ``foreach=True``), the
+others (a head without an entry) to torch's SGD, is stepped from what the last step found,
+re-checking only what a loop can change between steps; add_mas_penalty's multi-tensor penalty
+keeps its lists the same way. Every such change must still give torch's optimizer on the
+penalised loss."""
 
 import copy
 
@@ -36,6 +38,11 @@ def _replace_first_weight(m, o):
     o.param_groups[0]["params"][0] = new
 
 
+def _halve_buffer(o, p):
+    """A new momentum buffer object (half the old one) in the optimizer's state."""
+    o.state[p]["momentum_buffer"] = o.state[p]["momentum_buffer"] * 0.5
+
+
 def _off_path(o):
     o.param_groups[0].update(foreach=False, fused=False)
 
@@ -58,19 +65,13 @@ CHANGES = {
     "parameter frozen": (lambda m, o, r: _freeze(m), lambda m, o, r: _freeze(m)),
     "parameter object replaced": (lambda m, o, r: _replace_first_weight(m, o),
                                   lambda m, o, r: _replace_first_weight(m, o)),
-    "momentum buffer replaced": (
-        lambda m, o, r: o.state[m[2].weight].__setitem__(
-            "momentum_buffer", o.state[m[2].weight]["momentum_buffer"] * 0.5),
-        lambda m, o, r: o.state[m[2].weight].__setitem__(
-            "momentum_buffer", o.state[m[2].weight]["momentum_buffer"] * 0.5)),
+    "momentum buffer replaced": (lambda m, o, r: _halve_buffer(o, m[2].weight),
+                                 lambda m, o, r: _halve_buffer(o, m[2].weight)),
     "momentum buffer changed in place": (
         lambda m, o, r: o.state[m[0].bias]["momentum_buffer"].zero_(),
         lambda m, o, r: o.state[m[0].bias]["momentum_buffer"].zero_()),
-    "head's momentum buffer replaced": (
-        lambda m, o, r: o.state[m[2].bias].__setitem__(
-            "momentum_buffer", o.state[m[2].bias]["momentum_buffer"] * 0.5),
-        lambda m, o, r: o.state[m[2].bias].__setitem__(
-            "momentum_buffer", o.state[m[2].bias]["momentum_buffer"] * 0.5)),
+    "head's momentum buffer replaced": (lambda m, o, r: _halve_buffer(o, m[2].bias),
+                                        lambda m, o, r: _halve_buffer(o, m[2].bias)),
     "entry given to the head": (
         lambda m, o, r: r.__setitem__("2.bias", _bias_entry(m)),
         lambda m, o, r: r.__setitem__("2.bias", _bias_entry(m))),
