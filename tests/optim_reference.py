@@ -2,8 +2,12 @@
 tests: λ Σ Ω (θ − θ*)² (Eq. 3) added to the loss and differentiated by autograd."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+
+from mas_optim import LocalSgd
 
 
 def make_mlp(seed=0, hidden=16):
@@ -36,3 +40,15 @@ def step(model, opt, x, y, extra=None):
         loss = loss + extra()
     loss.backward()
     opt.step()
+
+
+def sgd_pair(hp, lam=0.7, skip=(), **options):
+    """Two equal MLPs: ``ref`` with ``torch.optim.SGD(**hp)``, to be stepped on the loss plus
+    :func:`autograd_penalty` with ``reg``, and ``ours`` with ``LocalSgd(**hp, **options)`` on its
+    own copy of ``reg`` (``opt.reg_params``). Returns (ref, opt_ref, ours, opt, reg)."""
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref, skip=skip)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
+                   **hp, **options)
+    return ref, opt_ref, ours, opt, reg

@@ -15,7 +15,7 @@ import mas_optim
 from mas_optim import LocalSgd
 from mas_optim import local_sgd as local_sgd_module
 from mas_optim._compiled import DeviceScalars
-from optim_reference import autograd_penalty, batches, random_reg_params, step
+from optim_reference import autograd_penalty, batches, random_reg_params, sgd_pair, step
 from optim_reference import make_mlp as make_model
 
 
@@ -96,12 +96,9 @@ def torch_round_trip(obj):
 @pytest.mark.parametrize("copier", [pickle_round_trip, copy.deepcopy, torch_round_trip],
                          ids=["pickle", "deepcopy", "torch.save"])
 def test_a_copy_with_its_model_keeps_penalising(copier):
-    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
-    ref, ours = make_model(), make_model()
-    reg = random_reg_params(ref)
-    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
-                   track_path_integral=True, **hp)
+    lam = 0.7
+    ref, opt_ref, ours, opt, reg = sgd_pair(dict(lr=0.05, momentum=0.9), lam,
+                                            track_path_integral=True)
     data = batches(6)
     for x, y in data[:3]:
         step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
@@ -271,11 +268,7 @@ HYPER = [
 
 
 def run_against_reference(hp, lam=0.7, **options):
-    ref, ours = make_model(), make_model()
-    reg = random_reg_params(ref, skip=("2.bias",))
-    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
-                   **hp, **options)
+    ref, opt_ref, ours, opt, reg = sgd_pair(hp, lam, skip=("2.bias",), **options)
     sign = -1.0 if hp.get("maximize") else 1.0
     for x, y in batches(5):
         step(ref, opt_ref, x, y, lambda: sign * autograd_penalty(ref, reg, lam))
@@ -354,12 +347,8 @@ def test_compiled_step_follows_a_learning_rate_schedule(monkeypatch, no_c_kernel
     reach them (its body runs eagerly here, as in the test above)."""
     monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel",
                         lambda: local_sgd_module._fused_kernel_body)
-    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
-    ref, ours = make_model(), make_model()
-    reg = random_reg_params(ref)
-    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
-                   fused=True, **hp)
+    lam = 0.7
+    ref, opt_ref, ours, opt, reg = sgd_pair(dict(lr=0.05, momentum=0.9), lam, fused=True)
     schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.3)
                  for o in (opt_ref, opt)]
     for x, y in batches(4):

@@ -12,13 +12,20 @@ import torch
 
 import mas_optim
 from mas_optim import LocalSgd
-from optim_reference import autograd_penalty, batches, make_mlp, random_reg_params, step
+from optim_reference import autograd_penalty, batches, make_mlp, random_reg_params, sgd_pair, step
 
 # path: (LocalSgd options, the planned step it takes)
 PATHS = {
     "kernel": ({}, "_planned_kernel_step"),
     "foreach": (dict(foreach=True), "_planned_foreach_step"),
 }
+HP = dict(lr=0.05, momentum=0.9)
+
+
+def _options(path, request):
+    if path == "kernel":
+        request.getfixturevalue("kernel_calls")  # skips where the C kernels are not built
+    return PATHS[path][0]
 
 
 def _new_entry(entry):
@@ -111,16 +118,10 @@ SETUPS = {"kernel": ("kernel", ()), "kernel-with-head": ("kernel", ("2.bias",)),
 def test_every_change_between_steps_reaches_the_planned_step(setup, change, monkeypatch,
                                                              request):
     path, head = SETUPS[setup]
-    options, method = PATHS[path]
-    if path == "kernel":
-        request.getfixturevalue("kernel_calls")  # skips where the C kernels are not built
-    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
-    ref, ours = make_mlp(), make_mlp()
-    reg_ref = random_reg_params(ref, skip=head)
-    reg = copy.deepcopy(reg_ref)
-    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-    opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, **hp, **options)
-    planned = _spy_on_plans(monkeypatch, method)
+    lam = 0.7
+    ref, opt_ref, ours, opt, reg_ref = sgd_pair(HP, lam, skip=head, **_options(path, request))
+    reg = opt.reg_params
+    planned = _spy_on_plans(monkeypatch, PATHS[path][1])
     for i, (x, y) in enumerate(batches(7)):
         if i == 4:
             CHANGES[change][0](ours, opt, reg)
@@ -134,15 +135,7 @@ def test_every_change_between_steps_reaches_the_planned_step(setup, change, monk
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_new_lambda_reaches_the_planned_step(path, request):
-    options, _ = PATHS[path]
-    if path == "kernel":
-        request.getfixturevalue("kernel_calls")
-    hp = dict(lr=0.05, momentum=0.9)
-    ref, ours = make_mlp(), make_mlp()
-    reg = random_reg_params(ref)
-    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=0.7,
-                   **hp, **options)
+    ref, opt_ref, ours, opt, reg = sgd_pair(HP, 0.7, **_options(path, request))
     for i, (x, y) in enumerate(batches(7)):
         lam = 0.7 if i < 4 else 2.0
         opt.param_groups[0]["reg_lambda"] = lam
@@ -171,17 +164,11 @@ def test_the_foreach_plan_is_kept_while_nothing_changes(monkeypatch):
 def test_a_parameter_unfrozen_under_a_plan_is_stepped(path, entry, request):
     """Unfrozen with an entry: penalised from then on; without one (a new task's head): torch's
     SGD step, never a silent skip."""
-    options, _ = PATHS[path]
-    if path == "kernel":
-        request.getfixturevalue("kernel_calls")
-    lam, hp = 0.7, dict(lr=0.05, momentum=0.9)
-    ref, ours = make_mlp(), make_mlp()
-    reg = random_reg_params(ref, skip=() if entry else ("0.bias",))
+    lam = 0.7
+    ref, opt_ref, ours, opt, reg = sgd_pair(HP, lam, skip=() if entry else ("0.bias",),
+                                            **_options(path, request))
     for m in (ref, ours):
         m[0].bias.requires_grad_(False)
-    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
-                   **hp, **options)
     for i, (x, y) in enumerate(batches(7)):
         if i == 4:
             for m in (ref, ours):
