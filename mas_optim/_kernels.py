@@ -1,17 +1,16 @@
 """The one-pass CPU kernels of ``csrc/mas_kernels.c``, built at first use with the C compiler.
 
-The eager MAS step is memory-bound: every pass streams whole tensors. ``mas_kernels.c`` does
-LocalSgd's update (penalty, weight decay, momentum, the proximal map), add_mas_penalty's
-gradient, and Adam/AdamW's update on the penalised gradient in one pass each, reading every
-tensor once. It has no dependency but libc, so building it takes about a second with
-any C compiler (``$CC``, else ``cc``), and it is called through :mod:`ctypes` on the tensors'
-memory, one call per group of tensors. Large tensors are cut into slices run on
-``torch.get_num_threads()`` threads: on torch's own OpenMP team where torch's ``libgomp.so.1``
-is loaded (the library is then built with ``-fopenmp`` and binds to it), else on Python
-threads (ctypes releases the GIL).
+The MAS step is memory-bound: every pass of torch's ops streams whole tensors. ``mas_kernels.c``
+does LocalSgd's update (penalty, weight decay, momentum, the proximal map) and add_mas_penalty's
+gradient in one pass each, reading every tensor once: the ``"fused"`` implementation of
+:mod:`mas_optim.functional` on the CPU. It has no dependency but libc, so building it takes
+about a second with any C compiler (``$CC``, else ``cc``), and it is called through
+:mod:`ctypes` on the tensors' memory, one call per group of tensors. Large tensors are cut into
+slices run on torch's own OpenMP team where torch's ``libgomp.so.1`` is loaded (the library is
+then built with ``-fopenmp`` and binds to it), else on the calling thread.
 
-Where no compiler works, :func:`load` returns None and the callers take their eager path, which
-computes the same update (tests check the two against each other and against autograd).
+Where no compiler works, :func:`load` returns None and :func:`reason` says why; the callers then
+take the single-tensor implementation, which computes the same update.
 
 The library is built for the CPU at hand (``-march=native``, else the compiler's baseline)
 and cached in ``$MAS_OPTIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/mas_optim``, else
@@ -34,7 +33,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -42,17 +40,15 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).parent / "csrc" / "mas_kernels.c"
-_ABI = 3
+_ABI = 4
 # No contraction into fused multiply-adds, so each operation rounds like torch's.
 _FLAGS = ("-O3", "-std=c99", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 # The vector instructions of the CPU it is built on (AVX2 and AVX-512 where there are: on
 # 4M-element tensors the step takes 10-15% less time than with the compiler's baseline SSE2);
 # the cache name hashes what they are, so another CPU type sharing the cache builds its own.
 _NATIVE = "-march=native"
-# Below this many elements per thread a second thread costs more than it saves.
-_PER_THREAD = 1 << 16
 
-MOMENTUM, FIRST, NESTEROV, PROXIMAL, DECAY, DECOUPLED, LERP_END = 1, 2, 4, 8, 16, 32, 64
+MOMENTUM, FIRST, NESTEROV, PROXIMAL, DECAY = 1, 2, 4, 8, 16
 _DTYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
 
 
@@ -64,24 +60,16 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
         self._fns = {}
-        ptr, i64, i32, rows = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+        i64, i32, rows = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
         for dtype, (suffix, real) in _DTYPES.items():
-            one = getattr(lib, f"mas_sgd_{suffix}")
-            one.argtypes, one.restype = [ptr] * 5 + [i64] + [real] * 6 + [i32], i32
-            many = getattr(lib, f"mas_sgd_many_{suffix}")
-            many.argtypes, many.restype = [i64, rows, i32] + [real] * 6, i32
-            pen = getattr(lib, f"mas_penalty_{suffix}")
-            pen.argtypes, pen.restype = [ptr] * 4 + [i64, real], None
-            pen_many = getattr(lib, f"mas_penalty_many_{suffix}")
-            pen_many.argtypes, pen_many.restype = [i64, rows, i32, real], None
-            adam = getattr(lib, f"mas_adam_{suffix}")
-            adam.argtypes, adam.restype = [ptr] * 6 + [i64] + [real] * 10 + [i32], i32
-            adam_many = getattr(lib, f"mas_adam_many_{suffix}")
-            adam_many.argtypes, adam_many.restype = [i64, rows, rows, i32] + [real] * 8, i32
-            self._fns[dtype] = (one, many, pen, pen_many, adam, adam_many)
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._workers, self._pid, self._pool_pid = 0, os.getpid(), os.getpid()
-        # Slices on torch's own OpenMP team (see mas_kernels.c), else on this module's threads.
+            sgd = getattr(lib, f"mas_sgd_many_{suffix}")
+            sgd.argtypes, sgd.restype = [i64, rows, i32] + [real] * 6, i32
+            pen = getattr(lib, f"mas_penalty_many_{suffix}")
+            pen.argtypes, pen.restype = [i64, rows, i32, real], None
+            self._fns[dtype] = (sgd, pen)
+        self._pid = os.getpid()
+        # Large tensors are cut into slices on torch's own OpenMP team (see mas_kernels.c);
+        # without it, on the calling thread alone.
         self.openmp = bool(lib.mas_kernels_openmp()) and _torch_gnu_openmp()
 
     def sgd(self, dtype: torch.dtype, rows: Sequence[Sequence[int]],
@@ -89,80 +77,18 @@ class Kernels:
         """LocalSgd's update, in place, of the tensors whose addresses are in ``rows``: θ, g,
         b (0 without momentum), Ω, θ*, element counts, flags; ``scalars`` = (lr, momentum,
         dampening, weight_decay, coef, gsign). See ``mas_kernels.c``."""
-        one, many = self._fns[dtype][:2]
-        if self.openmp:
-            _check(many(len(rows[0]), _int64s(rows), self._omp_threads(), *scalars))
-            return
-        left = self._split_large(rows, 5, dtype, lambda at, n, j: _check(
-            one(*at, n, *scalars, rows[6][j])))
-        if left:
-            _check(many(len(left), _int64s(_pick(rows, left)), 1, *scalars))
+        _check(self._fns[dtype][0](len(rows[0]), _int64s(rows), self._threads(), *scalars))
 
     def penalty(self, dtype: torch.dtype, rows: Sequence[Sequence[int]], coef: float) -> None:
         """``g += coef·Ω(θ − θ*)`` in place; ``rows``: addresses of g, θ, Ω, θ*, counts."""
-        one, many = self._fns[dtype][2:4]
-        if self.openmp:
-            many(len(rows[0]), _int64s(rows), self._omp_threads(), coef)
-            return
-        left = self._split_large(rows, 4, dtype, lambda at, n, j: one(*at, n, coef))
-        if left:
-            many(len(left), _int64s(_pick(rows, left)), 1, coef)
+        self._fns[dtype][1](len(rows[0]), _int64s(rows), self._threads(), coef)
 
-    def adam(self, dtype: torch.dtype, rows: Sequence[Sequence[int]],
-             steps: Sequence[Sequence[float]], scalars: Tuple[float, ...]) -> None:
-        """Adam/AdamW on the penalised gradient, in place: ``rows`` are addresses of θ, g, m,
-        v, Ω, θ*, then counts and flags; ``steps`` the per-tensor (−lr/(1 − β1^t),
-        sqrt(1 − β2^t)); ``scalars`` = (coef, gsign, wd, 1 − lr·wd, 1 − β1, β2, 1 − β2, eps).
-        See ``mas_kernels.c``."""
-        one, many = self._fns[dtype][4:6]
-        if self.openmp:
-            left, threads = list(range(len(rows[0]))), self._omp_threads()
-        else:
-            left, threads = self._split_large(rows, 6, dtype, lambda at, n, j: _check(
-                one(*at, n, *scalars, steps[0][j], steps[1][j], rows[7][j]))), 1
-        if left:
-            flat = [v for row in _pick(steps, left) for v in row]
-            _check(many(len(left), _int64s(_pick(rows, left)),
-                        (ctypes.c_double * len(flat))(*flat), threads, *scalars))
-
-    def _omp_threads(self) -> int:
+    def _threads(self) -> int:
         # libgomp's team does not survive fork(): a forked child (where torch's own parallel
         # ops hang) runs the slices one after the other.
-        return torch.get_num_threads() if os.getpid() == self._pid else 1
-
-    def _split_large(self, rows: Sequence[List[int]], n_addr: int, dtype: torch.dtype,
-                     call) -> List[int]:
-        """Run ``call(addresses, count, j)`` on slices in parallel for each tensor j large
-        enough for several threads (``rows[:n_addr]`` are addresses, ``rows[n_addr]`` counts);
-        return the indices of the others. ctypes releases the GIL during the call."""
-        counts = rows[n_addr]
-        threads = torch.get_num_threads()
-        if threads <= 1 or max(counts, default=0) < 2 * _PER_THREAD:
-            return list(range(len(counts)))
-        size = ctypes.sizeof(_DTYPES[dtype][1])
-        left = []
-        for j, n in enumerate(counts):
-            k = min(threads, n // _PER_THREAD)
-            if k <= 1:
-                left.append(j)
-                continue
-            if self._workers < k or self._pool_pid != os.getpid():  # a forked child has none
-                self._pool = ThreadPoolExecutor(k, thread_name_prefix="mas_kernels")
-                self._workers, self._pool_pid = k, os.getpid()
-            step = -(-n // k)
-            step += -step % 16  # slices start on 64-byte boundaries
-            futures = [self._pool.submit(
-                call, [rows[r][j] + start * size if rows[r][j] else 0 for r in range(n_addr)],
-                min(step, n - start), j) for start in range(0, n, step)]
-            for f in futures:
-                f.result()
-        return left
-
-
-def _pick(rows: Sequence[Sequence], columns: List[int]) -> Sequence[Sequence]:
-    if len(columns) == len(rows[0]):
-        return rows
-    return [[row[j] for j in columns] for row in rows]
+        if not self.openmp or os.getpid() != self._pid:
+            return 1
+        return torch.get_num_threads()
 
 
 def _int64s(rows: Sequence[Sequence[int]]) -> "ctypes.Array":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -145,3 +145,48 @@ def group_names(group: Mapping[str, Any], index: int) -> List[Optional[str]]:
             "parameter was removed from group['params'] without its name; remove both, so "
             "that names still match their parameters")
     return list(names) + [None] * (len(params) - len(names))
+
+
+class CheckedEntries:
+    """The reg_params entry of each parameter, checked with :func:`check_entry` when first seen
+    and again whenever it may have changed: another entry or tensor, an in-place change
+    (a tensor's version), a parameter of another shape. Also keeps max Ω, for the stability
+    check of the explicit step."""
+
+    def __init__(self) -> None:
+        self._seen: Dict[Tensor, tuple] = {}
+
+    def get(self, reg_params: Mapping[str, Mapping[str, Tensor]], name: Optional[str],
+            p: Tensor) -> Optional[Tuple[Tensor, Tensor, float]]:
+        """(Ω, θ*, max Ω) of ``p``'s entry, or None where it has none."""
+        entry = reg_params.get(name) if name is not None else None
+        if entry is None:
+            return None
+        omega, init = entry["omega"], entry["init_val"]
+        seen = self._seen.get(p)
+        key = (omega._version, init._version, p.shape)
+        if seen is None or seen[0] is not omega or seen[1] is not init or seen[2] != key:
+            check_entry(name, entry, p)  # type: ignore[arg-type]
+            top = float(local(omega).max()) if omega.numel() else 0.0
+            seen = self._seen[p] = (omega, init, key, top)
+        return omega, init, seen[3]
+
+    def keep_only(self, params: Iterable[Tensor]) -> None:
+        """Forget parameters that left the optimizer."""
+        live = set(params)
+        if len(self._seen) > len(live):
+            self._seen = {p: v for p, v in self._seen.items() if p in live}
+
+
+def unwrap_optimizer(optimizer: Any, who: str) -> torch.optim.Optimizer:
+    """The torch optimizer inside the wrappers training frameworks hand over: accelerate's
+    ``AcceleratedOptimizer`` (``.optimizer``), Lightning's ``LightningOptimizer``
+    (``._optimizer``). Anything else that is not a ``torch.optim.Optimizer``: a TypeError."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None:
+            raise TypeError(f"{who} needs a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}: pass the torch optimizer it wraps")
+        optimizer, seen = inner, seen + 1
+    return optimizer

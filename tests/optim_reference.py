@@ -52,3 +52,62 @@ def sgd_pair(hp, lam=0.7, skip=(), **options):
     opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam,
                    **hp, **options)
     return ref, opt_ref, ours, opt, reg
+
+
+# One table of optimizer options for the LocalSgd, add_mas_penalty, kernel and SI tests.
+SGD_OPTIONS = [
+    dict(lr=0.05),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, nesterov=True),
+    dict(lr=0.05, momentum=0.8, dampening=0.3),
+    dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+    dict(lr=0.05, weight_decay=0.05, maximize=True),
+    dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.02),
+    dict(lr=0.05, momentum=0.9, weight_decay=0.02, maximize=True),
+]
+# Other optimizers that carry add_mas_penalty: (class, options).
+HOST_OPTIMIZERS = [
+    (torch.optim.Adam, dict(lr=0.01)),
+    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
+    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05, fused=True)),
+    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05, amsgrad=True, foreach=False)),
+    (torch.optim.RMSprop, dict(lr=0.01, momentum=0.5)),
+    (torch.optim.Adagrad, dict(lr=0.05)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+]
+# The implementations of mas_optim.functional, by the options that choose them on the CPU.
+IMPLEMENTATIONS = {"fused": {}, "foreach": dict(foreach=True),
+                   "single_tensor": dict(fused=False)}
+
+
+def options_id(hp):
+    return ",".join(f"{k}={v}" for k, v in hp.items())
+
+
+def host_id(item):
+    cls, hp = item
+    return cls.__name__ + ("-" + options_id(hp) if hp else "")
+
+
+def require_fused():
+    """The C kernel is built here; else skip, or fail under CI (CI=true), where a skip would
+    hide a broken build."""
+    import os
+
+    import pytest
+
+    from mas_optim import functional
+
+    impl, why = functional.implementation([torch.zeros(1)])
+    if impl != "fused":
+        message = f"the fused C kernel is not available: {why}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def implementation_options(name):
+    """The options that choose ``name`` (requiring the kernel for "fused")."""
+    if name == "fused":
+        require_fused()
+    return IMPLEMENTATIONS[name]

@@ -2,51 +2,49 @@
 autograd."""
 
 import copy
-import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import mas_optim
 from mas_optim import add_mas_penalty
-from optim_reference import autograd_penalty, batches, make_mlp, random_reg_params, step
-
-OPTIMIZERS = [
-    (torch.optim.Adam, dict(lr=0.01)),
-    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
-    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05, amsgrad=True, foreach=False)),
-    (torch.optim.RMSprop, dict(lr=0.01, momentum=0.5)),
-    (torch.optim.Adagrad, dict(lr=0.05)),
-    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
-]
+from optim_reference import (HOST_OPTIMIZERS, IMPLEMENTATIONS, SGD_OPTIONS, autograd_penalty,
+                             batches, host_id, implementation_options, make_mlp, options_id,
+                             random_reg_params, step)
 
 
-PATHS = {"kernel": {}, "eager": dict(fused=False), "foreach": dict(foreach=True)}
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cached"])
-@pytest.mark.parametrize("cls, hp", OPTIMIZERS,
-                         ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(OPTIMIZERS)])
-def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, cache, path, kernel_calls):
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("cls, hp", HOST_OPTIMIZERS, ids=[host_id(o) for o in HOST_OPTIMIZERS])
+def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, impl):
     lam = 0.7
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref, skip=("2.bias",))
     opt_ref = cls(ref.parameters(), **hp)
     opt = cls(ours.named_parameters(), **hp)
-    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, cache_penalty=cache,
-                    **PATHS[path])
+    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, **implementation_options(impl))
     for x, y in batches(6):
         step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
         step(ours, opt, x, y)
     for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
-    # On the kernel path, Adam and AdamW (without amsgrad) run in one pass with the penalty;
-    # every other optimizer gets the penalty kernel, then its own step.
-    whole_step = path == "kernel" and cls in (torch.optim.Adam, torch.optim.AdamW) \
-        and not hp.get("amsgrad")
-    assert bool(kernel_calls["adam"]) == whole_step
-    assert bool(kernel_calls["penalty"]) == (path == "kernel" and not whole_step)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_the_gradient_after_a_step_is_the_task_gradient_plus_the_penalty(impl):
+    """On every implementation, and whatever the host (here AdamW's fused step)."""
+    lam = 0.7
+    model = make_mlp()
+    reg = random_reg_params(model)
+    opt = torch.optim.AdamW(model.named_parameters(), lr=0.01, fused=True)
+    add_mas_penalty(opt, reg, reg_lambda=lam, **implementation_options(impl))
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    want = {n: p.grad + 2 * lam * reg[n]["omega"] * (p.detach() - reg[n]["init_val"])
+            for n, p in model.named_parameters()}
+    opt.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=0, atol=1e-6, msg=n)
 
 
 def test_penalty_changes_the_trajectory():
@@ -62,14 +60,14 @@ def test_penalty_changes_the_trajectory():
                for a, b in zip(plain.parameters(), ours.parameters())) > 1e-3
 
 
-@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cached"])
-def test_maximize_still_descends_the_penalty(cache):
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_maximize_still_descends_the_penalty(impl):
     lam, hp = 0.5, dict(lr=0.01, maximize=True)
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref)
     opt_ref = torch.optim.Adam(ref.parameters(), **hp)
     opt = torch.optim.Adam(ours.named_parameters(), **hp)
-    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, cache_penalty=cache)
+    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, **implementation_options(impl))
     for x, y in batches(4):  # ascending task − penalty
         step(ref, opt_ref, x, y, lambda: -autograd_penalty(ref, reg, lam))
         step(ours, opt, x, y)
@@ -164,14 +162,15 @@ def test_group_reg_lambda_overrides_the_default():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_proximal_for_sgd_is_the_step_then_the_exact_proximal_map(momentum):
-    lr, lam = 0.1, 0.7
+@pytest.mark.parametrize("impl", ["foreach", "single_tensor"])
+@pytest.mark.parametrize("hp", SGD_OPTIONS, ids=options_id)
+def test_proximal_for_sgd_is_the_step_then_the_exact_proximal_map(hp, impl):
+    lr, lam = hp["lr"], 0.7
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum)
-    opt = torch.optim.SGD(ours.named_parameters(), lr=lr, momentum=momentum)
-    add_mas_penalty(opt, reg, reg_lambda=lam, proximal=True)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = torch.optim.SGD(ours.named_parameters(), **hp)
+    add_mas_penalty(opt, reg, reg_lambda=lam, proximal=True, **IMPLEMENTATIONS[impl])
     for x, y in batches(4):
         step(ref, opt_ref, x, y)
         with torch.no_grad():  # θ ← θ* + (θ − θ*) / (1 + 2·lr·λ·Ω)
@@ -214,52 +213,3 @@ def test_penalty_value():
     reg = random_reg_params(model, skip=("2.bias",))
     mas = add_mas_penalty(torch.optim.Adam(model.named_parameters()), reg, reg_lambda=0.25)
     torch.testing.assert_close(mas.penalty(), autograd_penalty(model, reg, 0.25).detach())
-
-
-def test_compiled_penalty_traces_as_one_graph_and_equals_the_penalised_loss(monkeypatch,
-                                                                             no_c_kernels):
-    """``fused=True`` where the C kernel is not available (off the CPU, say): fullgraph=True
-    captures the penalty whole. aot_eager runs that graph without generating code, which
-    keeps this test fast."""
-    real_compile = torch.compile
-
-    def aot_eager(fn, **kwargs):
-        return real_compile(fn, **dict(kwargs, backend="aot_eager"))
-
-    monkeypatch.setattr(torch, "compile", aot_eager)
-    lam = 0.7
-    ref, ours = make_mlp(), make_mlp()
-    reg = random_reg_params(ref)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.01)
-    opt = torch.optim.AdamW(ours.named_parameters(), lr=0.01)
-    mas = add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, fused=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
-        for x, y in batches(4):
-            step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
-            step(ours, opt, x, y)
-    assert mas._fused_kernel not in (None, False)
-    for a, b in zip(ref.parameters(), ours.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-
-
-def test_fused_penalty_falls_back_with_one_warning(monkeypatch, no_c_kernels):
-    def no_compiler(fn, **kwargs):
-        def fail(*args):
-            raise RuntimeError("Compiler: g++ not found")
-        return fail
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    lam = 0.7
-    ref, ours = make_mlp(), make_mlp()
-    reg = random_reg_params(ref)
-    opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01)
-    opt = torch.optim.Adam(ours.named_parameters(), lr=0.01)
-    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, fused=True)
-    with pytest.warns(RuntimeWarning, match="could not build the fused penalty.*g\\+\\+") as rec:
-        for x, y in batches(3):
-            step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
-            step(ours, opt, x, y)
-    assert len(rec) == 1
-    for a, b in zip(ref.parameters(), ours.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

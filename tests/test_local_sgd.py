@@ -8,8 +8,9 @@ from torch import nn
 
 import mas_optim
 from mas_optim import LocalSgd
-from mas_optim import local_sgd as local_sgd_module
-from optim_reference import autograd_penalty, batches, make_mlp, random_reg_params
+from mas_optim import functional
+from optim_reference import (SGD_OPTIONS, autograd_penalty, batches, make_mlp, options_id,
+                             random_reg_params)
 
 
 def train(pairs, data):
@@ -21,11 +22,12 @@ def train(pairs, data):
             opt.step()
 
 
-def run_pair(hp, lam=0.7, steps=6, skip=(), sign=1.0):
+def run_pair(hp, lam=0.7, steps=6, skip=(), sign=1.0, **options):
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref, skip=skip)
     opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam, **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=lam, **hp,
+                   **options)
     for x, y in batches(steps):
         opt_ref.zero_grad()
         task = nn.functional.cross_entropy(ref(x), y)
@@ -38,29 +40,11 @@ def run_pair(hp, lam=0.7, steps=6, skip=(), sign=1.0):
     return ref, ours
 
 
-HYPER = [
-    dict(lr=0.05),
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.05, momentum=0.9, nesterov=True),
-    dict(lr=0.05, momentum=0.8, dampening=0.3),
-    dict(lr=0.05, momentum=0.9, weight_decay=0.01),
-    dict(lr=0.05, weight_decay=0.05),
-    dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.02),
-]
-
-
-@pytest.mark.parametrize("hp", HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
+@pytest.mark.parametrize("hp", SGD_OPTIONS, ids=options_id)
 def test_matches_torch_sgd_on_penalised_loss(hp):
-    ref, ours = run_pair(hp)
+    ref, ours = run_pair(hp, sign=-1.0 if hp.get("maximize") else 1.0)
     for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
         assert (a - b).abs().max().item() <= 1e-5, n
-
-
-def test_maximize_negates_only_the_task_gradient():
-    hp = dict(lr=0.02, momentum=0.9, maximize=True)
-    ref, ours = run_pair(hp, sign=-1.0)  # ref maximizes task − penalty
-    for a, b in zip(ref.parameters(), ours.parameters()):
-        assert (a - b).abs().max().item() <= 1e-5
 
 
 def test_unregistered_parameters_get_plain_sgd():
@@ -82,11 +66,12 @@ def test_penalty_changes_the_trajectory():
 
 
 def test_large_parameters_are_updated_slice_by_slice(monkeypatch):
-    monkeypatch.setattr(local_sgd_module, "_CHUNK", 7)  # forces many slices on every tensor
-    monkeypatch.setattr(local_sgd_module, "_SLICE_ABOVE", 7)
+    """The single-tensor step cuts large CPU tensors into cache-sized slices."""
+    monkeypatch.setattr(functional, "_CHUNK", 7)  # forces many slices on every tensor
+    monkeypatch.setattr(functional, "_SLICE_ABOVE", 7)
     for hp in (dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
                dict(lr=0.05)):
-        ref, ours = run_pair(hp)
+        ref, ours = run_pair(hp, fused=False)
         for a, b in zip(ref.parameters(), ours.parameters()):
             assert (a - b).abs().max().item() <= 1e-5
 

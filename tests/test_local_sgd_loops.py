@@ -13,9 +13,9 @@ from torch import nn
 
 import mas_optim
 from mas_optim import LocalSgd
-from mas_optim import local_sgd as local_sgd_module
-from mas_optim._compiled import DeviceScalars
-from optim_reference import autograd_penalty, batches, random_reg_params, sgd_pair, step
+from optim_reference import (IMPLEMENTATIONS, SGD_OPTIONS, autograd_penalty, batches,
+                             implementation_options, options_id, random_reg_params, sgd_pair,
+                             step)
 from optim_reference import make_mlp as make_model
 
 
@@ -258,15 +258,6 @@ def test_freeze_layers_as_one_string_is_one_name():
 
 # ------------------------------------------------------------------ implementations
 
-HYPER = [
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.05, momentum=0.8, dampening=0.3, nesterov=False),
-    dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.02),
-    dict(lr=0.05, weight_decay=0.05, maximize=True),
-    dict(lr=0.05, momentum=0.9, weight_decay=0.02, maximize=True),
-]
-
-
 def run_against_reference(hp, lam=0.7, **options):
     ref, opt_ref, ours, opt, reg = sgd_pair(hp, lam, skip=("2.bias",), **options)
     sign = -1.0 if hp.get("maximize") else 1.0
@@ -277,96 +268,39 @@ def run_against_reference(hp, lam=0.7, **options):
     return opt
 
 
-PATHS = {
-    "kernel": {},  # the default on the CPU: the one-pass C kernel
-    "eager": dict(fused=False),
-    "eager-uncached": dict(fused=False, cache_penalty=False),
-    "foreach": dict(foreach=True),
-    "foreach-uncached": dict(foreach=True, cache_penalty=False),
-}
+@pytest.mark.parametrize("hp", SGD_OPTIONS, ids=options_id)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_every_implementation_matches_the_penalised_loss(hp, impl):
+    opt = run_against_reference(hp, **implementation_options(impl))
+    assert [name for name, _ in opt.implementation()] == [impl]
 
 
-@pytest.mark.parametrize("hp", HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
-@pytest.mark.parametrize("path", PATHS)
-def test_every_path_matches_the_penalised_loss(hp, path, kernel_calls):
-    opt = run_against_reference(hp, **PATHS[path])
-    assert bool(kernel_calls["sgd"]) == (path == "kernel")
-    if "uncached" in path:
-        assert all(t.slope is None for t in opt._penalty_cache.values())
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_the_gradient_is_the_task_gradient_after_a_step(impl):
+    """LocalSgd never writes .grad, on every implementation (the SI path integral reads it)."""
+    hp = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+    _, _, ours, opt, _ = sgd_pair(hp, 0.7, **implementation_options(impl))
+    for x, y in batches(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ours(x), y).backward()
+        task = [p.grad.clone() for p in ours.parameters()]
+        opt.step()
+        for p, g in zip(ours.parameters(), task):
+            assert torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize("hp", HYPER, ids=lambda hp: ",".join(f"{k}={v}" for k, v in hp.items()))
-def test_compiled_kernel_matches_the_penalised_loss(hp, monkeypatch, no_c_kernels):
-    """The torch.compile'd step (``fused=True`` off the CPU, or without the C kernel): its
-    single-pass body, run eagerly (compilation is checked in its own test)."""
-    calls = []
+def test_fused_off_the_cpu_kernel_says_why(monkeypatch):
+    """Without a C compiler the default is the single-tensor step, and implementation() says
+    why; asking for fused=True then warns once."""
+    from mas_optim import _kernels
 
-    def eager_kernel():
-        def run(*args):
-            calls.append(1)
-            return local_sgd_module._fused_kernel_body(*args)
-        return run
-
-    monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel", eager_kernel)
-    run_against_reference(hp, fused=True)
-    assert calls  # the fused body ran
-
-
-def test_fused_falls_back_with_one_warning_when_nothing_compiles(monkeypatch, no_c_kernels):
-    def no_compiler():
-        def fail(*args):
-            raise RuntimeError("Compiler: g++ not found\nmore lines")
-        return fail
-
-    monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel", no_compiler)
-    with pytest.warns(RuntimeWarning, match=r"no fused step could be built \(C kernel: no C "
-                      r"compiler.*torch.compile: RuntimeError: Compiler: g\+\+ not found\)"
-                      ) as record:
+    monkeypatch.setattr(_kernels, "load", lambda: None)
+    monkeypatch.setattr(_kernels, "reason", lambda: "no C compiler (cc) on PATH")
+    opt = LocalSgd(make_model().named_parameters())
+    assert opt.implementation() == [("single_tensor",
+                                     "no C kernel on this machine: no C compiler (cc) on PATH")]
+    with pytest.warns(RuntimeWarning, match="fused=True: no C kernel.*single_tensor step"):
         run_against_reference(dict(lr=0.05, momentum=0.9), fused=True)
-    assert len(record) == 1
-
-
-def test_compiled_kernel_traces_as_one_graph_and_matches_the_penalised_loss(monkeypatch,
-                                                                            no_c_kernels):
-    """torch.compile(fullgraph=True) captures the kernel whole (no graph break, which would
-    mean no single-pass kernel). The aot_eager backend runs that graph without generating
-    code, which keeps this test fast."""
-    def traced():
-        return torch.compile(local_sgd_module._fused_kernel_body, backend="aot_eager",
-                             fullgraph=True)
-
-    monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel", traced)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
-        opt = run_against_reference(dict(lr=0.05, momentum=0.9, nesterov=True), fused=True)
-    assert opt._fused_kernel not in (None, False)
-
-
-def test_compiled_step_follows_a_learning_rate_schedule(monkeypatch, no_c_kernels):
-    """The compiled step's hyperparameters are device tensors kept between steps: a new lr must
-    reach them (its body runs eagerly here, as in the test above)."""
-    monkeypatch.setattr(local_sgd_module, "_compile_fused_kernel",
-                        lambda: local_sgd_module._fused_kernel_body)
-    lam = 0.7
-    ref, opt_ref, ours, opt, reg = sgd_pair(dict(lr=0.05, momentum=0.9), lam, fused=True)
-    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.3)
-                 for o in (opt_ref, opt)]
-    for x, y in batches(4):
-        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
-        step(ours, opt, x, y)
-        for s in schedules:
-            s.step()
-    assert_same(ref, ours, atol=1e-5)
-
-
-def test_device_scalars_are_kept_and_refilled_where_a_value_changed():
-    """No new tensor per step (on a GPU, torch.tensor(x, device=...) would wait for it)."""
-    scalars, like = DeviceScalars(), torch.zeros(3, dtype=torch.float64)
-    first = scalars.get((0.1, 0.9), like)
-    again = scalars.get((0.05, 0.9), like)
-    assert all(a is b for a, b in zip(first, again))
-    assert [t.item() for t in again] == [0.05, 0.9]
-    assert again[0].dtype == torch.float64 and again[0].dim() == 0
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -376,3 +310,25 @@ def test_device_scalars_are_kept_and_refilled_where_a_value_changed():
 def test_options_torch_refuses_are_refused(kwargs, error, message):
     with pytest.raises(error, match=message):
         LocalSgd(make_model().named_parameters(), **kwargs)
+
+
+def test_a_large_omega_on_the_explicit_step_warns_once_and_names_proximal():
+    model = make_model()
+    reg = random_reg_params(model)  # max Ω ≈ 2: 2·lr·λ·max Ω ≈ 2·0.1·10·2 = 4 > 2
+    opt = LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=10.0, lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"2·lr·λ·max Ω = [\d.]+ > 2.*proximal=True") as rec:
+        for x, y in batches(3):
+            step(model, opt, x, y)
+    assert len([w for w in rec if "proximal=True" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("proximal, lam", [(True, 10.0), (False, 0.1)],
+                         ids=["proximal", "small-step"])
+def test_a_stable_step_does_not_warn(proximal, lam):
+    model = make_model()
+    opt = LocalSgd(model.named_parameters(), reg_params=random_reg_params(model),
+                   reg_lambda=lam, lr=0.1, proximal=proximal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in batches(2):
+            step(model, opt, x, y)

@@ -8,6 +8,8 @@ from torch import nn
 
 import mas_optim
 from mas_optim import LocalSgd
+from optim_reference import (IMPLEMENTATIONS, SGD_OPTIONS, implementation_options,
+                             options_id)
 
 
 def make_mlp(seed=0):
@@ -103,15 +105,15 @@ def test_tracking_does_not_change_the_trajectory():
 
 # ---------------------------------------------------------------------------- proximal
 
-@pytest.mark.parametrize("fused", [None, False], ids=["kernel", "eager"])
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_proximal_step_is_sgd_then_the_exact_proximal_map(momentum, fused):
-    lr, lam = 0.1, 0.7
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("hp", SGD_OPTIONS, ids=options_id)
+def test_proximal_step_is_sgd_then_the_exact_proximal_map(hp, impl):
+    lr, lam = hp["lr"], 0.7
     ref, ours = make_mlp(), make_mlp()
     reg = reg_for(ref)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum)
-    opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, lr=lr,
-                   momentum=momentum, proximal=True, fused=fused)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, **hp,
+                   proximal=True, **implementation_options(impl))
     for x, y in data(4):
         opt_ref.zero_grad()
         loss_of(ref, x, y).backward()
@@ -127,6 +129,7 @@ def test_proximal_step_is_sgd_then_the_exact_proximal_map(momentum, fused):
             assert (p - q).abs().max().item() <= 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:LocalSgd. 2·lr·λ·max Ω:RuntimeWarning")
 def test_proximal_is_stable_where_the_explicit_step_diverges():
     lam, lr = 1e6, 0.1
     results = {}

@@ -1,14 +1,14 @@
 /* One-pass MAS updates on contiguous CPU buffers, loaded by mas_optim/_kernels.py.
  *
- * Each function reads every tensor once and writes each output once, where the eager PyTorch
- * ops take three to five passes. The arithmetic is that of the eager path in
- * mas_optim/local_sgd.py and mas_optim/penalty.py (and of torch.optim.SGD for the rest of the
- * update), in the tensors' own precision. Nothing here allocates, locks or keeps state.
+ * Each function reads every tensor once and writes each output once, where torch's ops take
+ * three to five passes. The arithmetic is that of the single-tensor reference in
+ * mas_optim/functional.py (and of torch.optim.SGD for the rest of the update), in the tensors'
+ * own precision. Nothing here allocates, locks or keeps state.
  *
  * The *_many functions take a group of tensors and a thread count. Built with -fopenmp (only
  * where torch itself runs on GNU OpenMP, so the two share one thread team and never compete
  * for cores), they cut large tensors into slices run by that team; otherwise they run the
- * slices one after the other and the caller may run them on its own threads.
+ * slices one after the other on the calling thread.
  */
 #include <math.h>
 #include <stdint.h>
@@ -78,8 +78,6 @@ enum {
     MAS_NESTEROV = 4,
     MAS_PROXIMAL = 8,  /* the penalty by its proximal map, not its gradient   */
     MAS_DECAY = 16,    /* weight decay ≠ 0                                    */
-    MAS_DECOUPLED = 32,/* Adam: decoupled weight decay (AdamW), else L2 in d   */
-    MAS_LERP_END = 64, /* Adam: 1 − β1 ≥ 0.5, torch.lerp's other branch        */
 };
 
 /* LocalSgd's step (the math is in LocalSgd's docstring):
@@ -146,71 +144,6 @@ enum {
         return 0;                                                                            \
     }
 
-/* torch.optim.Adam / AdamW's single-tensor update (amsgrad off) on the penalised gradient,
- * i.e. add_mas_penalty's pre-hook and the optimizer's step in one pass:
- *   d = gsign*g + coef*Ω*(θ − θ*)                      (gsign = −1 for maximize)
- *   AdamW: θ = θ*decay (decay = 1 − lr*wd)     Adam: d = d + wd*θ
- *   m = lerp(m, d, w1)   (w1 = 1 − β1, both branches of torch.lerp)
- *   v = β2*v + (1 − β2)*d*d
- *   θ = θ + neg_step*m/(sqrt(v)/bc2_sqrt + eps)        (neg_step = −lr/(1 − β1^t))
- */
-#define MAS_ADAM_AHEAD(F, at)                                                                \
-    do {                                                                                     \
-        MAS_PREFETCH(p, at, 1); MAS_PREFETCH(g, at, 0); MAS_PREFETCH(m, at, 1);              \
-        MAS_PREFETCH(v, at, 1); MAS_PREFETCH(omega, at, 0); MAS_PREFETCH(init, at, 0);       \
-    } while (0)
-
-#define MAS_ADAM_LOOP(T, SQRT, F)                                                            \
-    MAS_BLOCKED(T, MAS_ADAM_AHEAD, F, {                                                      \
-        T theta = p[i];                                                                      \
-        T d = gsign * g[i] + coef * omega[i] * (theta - init[i]);                            \
-        if ((F) & MAS_DECAY) {                                                               \
-            if ((F) & MAS_DECOUPLED) theta = theta * decay;                                  \
-            else d = d + wd * theta;                                                         \
-        }                                                                                    \
-        T mi = m[i];                                                                         \
-        mi = ((F) & MAS_LERP_END) ? d - (d - mi) * ((T)1 - w1) : mi + w1 * (d - mi);         \
-        T vi = v[i] * beta2 + (one_minus_beta2 * d) * d;                                     \
-        m[i] = mi;                                                                           \
-        v[i] = vi;                                                                           \
-        p[i] = theta + (neg_step * mi) / (SQRT(vi) / bc2_sqrt + eps);                        \
-    })
-
-#define MAS_ADAM_CASE(T, SQRT, F) case F: MAS_ADAM_LOOP(T, SQRT, F); return 0;
-
-#define MAS_ADAM(T, SQRT, NAME)                                                              \
-    int32_t NAME(T *restrict p, const T *restrict g, T *restrict m, T *restrict v,          \
-                 const T *restrict omega, const T *restrict init, int64_t n, T coef,        \
-                 T gsign, T wd, T decay, T w1, T beta2, T one_minus_beta2, T eps,           \
-                 T neg_step, T bc2_sqrt, int32_t flags) {                                   \
-        switch (flags) {                                                                     \
-            MAS_ADAM_CASE(T, SQRT, 0) MAS_ADAM_CASE(T, SQRT, 16)                             \
-            MAS_ADAM_CASE(T, SQRT, 48) MAS_ADAM_CASE(T, SQRT, 64)                            \
-            MAS_ADAM_CASE(T, SQRT, 80) MAS_ADAM_CASE(T, SQRT, 112)                           \
-        }                                                                                    \
-        return -1;                                                                           \
-    }
-
-/* Adam for k tensors: args holds 8 rows of k int64 (addresses of θ, g, m, v, Ω, θ*, counts,
- * flags) and steps 2 rows of k doubles (neg_step, bc2_sqrt: they depend on each tensor's
- * step count). */
-#define MAS_ADAM_MANY(T, NAME, ONE)                                                          \
-    int32_t NAME(int64_t k, const int64_t *args, const double *steps, int32_t nthreads,      \
-                 T coef, T gsign, T wd, T decay, T w1, T beta2, T one_minus_beta2, T eps) {  \
-        for (int64_t j = 0; j < k; ++j) {                                                    \
-            const int64_t n = args[6 * k + j];                                               \
-            int32_t code = 0;                                                                \
-            MAS_SLICED(n, nthreads, code,                                                    \
-                       ONE(MAS_AT(T, args[j], lo), MAS_AT(T, args[k + j], lo),               \
-                           MAS_AT(T, args[2 * k + j], lo), MAS_AT(T, args[3 * k + j], lo),   \
-                           MAS_AT(T, args[4 * k + j], lo), MAS_AT(T, args[5 * k + j], lo),   \
-                           len, coef, gsign, wd, decay, w1, beta2, one_minus_beta2, eps,     \
-                           (T)steps[j], (T)steps[k + j], (int32_t)args[7 * k + j]));        \
-            if (code != 0) return code;                                                      \
-        }                                                                                    \
-        return 0;                                                                            \
-    }
-
 /* add_mas_penalty's gradient: g += coef*Ω*(θ − θ*), coef = ±2λ. */
 #define MAS_PENALTY_AHEAD(F, at)                                                             \
     do {                                                                                     \
@@ -247,13 +180,9 @@ MAS_PENALTY(float, mas_penalty_f32)
 MAS_PENALTY(double, mas_penalty_f64)
 MAS_PENALTY_MANY(float, mas_penalty_many_f32, mas_penalty_f32)
 MAS_PENALTY_MANY(double, mas_penalty_many_f64, mas_penalty_f64)
-MAS_ADAM(float, sqrtf, mas_adam_f32)
-MAS_ADAM(double, sqrt, mas_adam_f64)
-MAS_ADAM_MANY(float, mas_adam_many_f32, mas_adam_f32)
-MAS_ADAM_MANY(double, mas_adam_many_f64, mas_adam_f64)
 
 /* The interface version the loader checks, so a stale or foreign library is never called. */
-int32_t mas_kernels_abi(void) { return 3; }
+int32_t mas_kernels_abi(void) { return 4; }
 
 /* Whether the *_many functions run their slices on OpenMP threads. */
 int32_t mas_kernels_openmp(void) {
