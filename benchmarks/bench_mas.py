@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, medians of {repeats} paired repeats\n")
-    bench_step.main(repeats)
+    bench_step.main(repeats, time.process_time)
     print()
     bench_importance.main(repeats)
 

@@ -1,52 +1,50 @@
-"""Speed of the optimizer step, as ratios against the plain optimizer measured in the same run.
+"""Speed of the training step (forward + backward + step), as ratios against torch's fused
+optimizers measured in the same run.
 
-time(forward + backward + LocalSgd.step) / time(forward + backward + torch.optim.SGD.step),
-batch 128, momentum 0.9, on two MLPs, for LocalSgd's default step (on the CPU the one-pass C
-kernel of mas_optim/csrc, built at first use) and its eager steps (``fused=False``: torch ops,
-with and without the two cached tensors). For reference, the two usual ways of adding the penalty
-are timed too: through autograd in the loss (Avalanche, FACIL) and a Python loop over
-parameters that adds 2λΩ(θ−θ*) to .grad before SGD. Then the same for AdamW: the penalty
-attached by mas_optim.add_mas_penalty against plain torch.optim.AdamW. Last, optimizer.step()
-alone on a model of 204 small tensors, where the per-tensor work of the step is what costs.
+Two MLPs (784-400-400-10 and 784-2000-2000-10), batch 128, one thread. SGD side: each candidate
+against ``torch.optim.SGD(momentum=0.9, fused=True)``: torch's default SGD, LocalSgd with each
+implementation of mas_optim.functional (the default, ``foreach=True``, ``fused=False``; the
+last also with its cache-sized slices switched off), the torch-native alternative to the C
+kernel (a foreach penalty added to .grad, then ``SGD(fused=True)``), and the penalty through
+autograd. AdamW side: each against ``torch.optim.AdamW(fused=True)``: torch's default AdamW and
+``AdamW(fused=True)`` + add_mas_penalty with each implementation, and through autograd.
 
-CPU, one thread (``--threads N`` for more), medians of paired repeats: each candidate is paired
-with the baseline alone, each repeat timing the two back to back in alternating order. Run:  python benchmarks/bench_step.py
+Medians of paired repeats: each candidate is paired with the baseline alone, the two timed
+back to back in alternating order. The clock is this process's CPU time
+(``time.process_time``), which other work on a shared machine inflates less than wall time
+(``--wall`` for wall time). Run:  python benchmarks/bench_step.py  [--repeats N] [--quick]
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Dict
+import contextlib
+import time
+from typing import Callable, Dict
 
 import torch
 from torch import nn
 
 import mas_optim
-from mas_optim import _kernels
+from mas_optim import functional
 
 try:
     from benchmarks._timing import each_against_baseline
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     from _timing import each_against_baseline
 
+MODELS = [  # (label, hidden width, inner repeats)
+    ("MLP 784-400-400-10", 400, 20),
+    ("MLP 784-2000-2000-10", 2000, 6),
+]
+LAM = 0.01
+SGD_HP = dict(lr=1e-3, momentum=0.9)
+ADAMW_HP = dict(lr=1e-3, weight_decay=0.01)
+
 
 def mlp(hidden: int) -> nn.Module:
+    torch.manual_seed(0)
     return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, 10))
-
-
-def deep_mlp(depth: int = 100, width: int = 32) -> nn.Module:
-    """Many small parameter tensors (2·depth + 4): the step's per-tensor work dominates, as in
-    ResNets and transformers with their hundreds of small tensors."""
-    layers = [nn.Linear(784, width), nn.ReLU()]
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
-
-
-MODELS = [  # (label, constructor, inner repeats)
-    ("MLP 784-400-400-10", lambda: mlp(400), 20),
-    ("MLP 784-2000-2000-10", lambda: mlp(2000), 6),
-]
 
 
 def reg_params_for(model: nn.Module) -> dict:
@@ -56,14 +54,21 @@ def reg_params_for(model: nn.Module) -> dict:
             for n, p in model.named_parameters()}
 
 
-def bench_step(make_model: Callable[[], nn.Module], repeats: int,
-               inner: int) -> Dict[str, Any]:
-    torch.manual_seed(0)
-    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
-    lam, hp = 0.01, dict(lr=1e-3, momentum=0.9)
+@contextlib.contextmanager
+def unsliced():
+    """The single-tensor step without its cache-sized slices."""
+    before = functional._SLICE_ABOVE
+    functional._SLICE_ABOVE = 1 << 62
+    try:
+        yield
+    finally:
+        functional._SLICE_ABOVE = before
 
-    def runner(model, opt, extra_loss=None, before_step=None):
-        def run():
+
+def training_step(model: nn.Module, opt, x, y, *, extra_loss=None, before_step=None,
+                  context=contextlib.nullcontext) -> Callable[[], None]:
+    def run():
+        with context():
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             if extra_loss is not None:
@@ -72,122 +77,91 @@ def bench_step(make_model: Callable[[], nn.Module], repeats: int,
             if before_step is not None:
                 before_step()
             opt.step()
-        return run
+    return run
 
-    models = {name: make_model() for name in ("sgd", "local", "eager", "lean", "auto", "loop")}
-    reg = reg_params_for(models["local"])
-    named_auto = list(models["auto"].named_parameters())
-    named_loop = list(models["loop"].named_parameters())
 
-    def autograd_penalty(named):  # Avalanche / FACIL style
-        return lambda: lam * sum((reg[n]["omega"] * (p - reg[n]["init_val"]).pow(2)).sum()
-                                 for n, p in named)
+def autograd_penalty(model: nn.Module, reg: dict) -> Callable[[], torch.Tensor]:
+    named = list(model.named_parameters())
+    return lambda: LAM * sum((reg[n]["omega"] * (p - reg[n]["init_val"]).square()).sum()
+                             for n, p in named)
+
+
+def foreach_penalty(model: nn.Module, reg: dict) -> Callable[[], None]:
+    """g += 2λΩ(θ − θ*) with torch's foreach ops, written by hand (no mas_optim)."""
+    ps = list(model.parameters())
+    omegas = [reg[n]["omega"] for n, _ in model.named_parameters()]
+    inits = [reg[n]["init_val"] for n, _ in model.named_parameters()]
 
     @torch.no_grad()
-    def python_loop():  # grad += 2λΩ(θ − θ*), one parameter at a time
-        for n, p in named_loop:
-            p.grad.add_(2 * lam * reg[n]["omega"] * (p - reg[n]["init_val"]))
-
-    def local_sgd(model, **options):
-        return mas_optim.LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=lam,
-                                  **hp, **options)
-
-    sgd_fns = {
-        "baseline": runner(models["sgd"], torch.optim.SGD(models["sgd"].parameters(), **hp)),
-        "LocalSgd": runner(models["local"], local_sgd(models["local"])),
-        "LocalSgd eager": runner(models["eager"], local_sgd(models["eager"], fused=False)),
-        "LocalSgd eager uncached": runner(models["lean"], local_sgd(
-            models["lean"], fused=False, cache_penalty=False)),
-        "autograd penalty": runner(models["auto"], torch.optim.SGD(models["auto"].parameters(),
-                                                                   **hp),
-                                   extra_loss=autograd_penalty(named_auto)),
-        "python loop": runner(models["loop"], torch.optim.SGD(models["loop"].parameters(), **hp),
-                              before_step=python_loop),
-    }
-    adam_hp = dict(lr=1e-3, weight_decay=0.01)
-    adam = {name: make_model() for name in ("plain", "hook", "eager", "cached", "auto")}
-    adam_opts = {name: torch.optim.AdamW(m.named_parameters(), **adam_hp)
-                 for name, m in adam.items()}
-    mas_optim.add_mas_penalty(adam_opts["hook"], reg, reg_lambda=lam)
-    mas_optim.add_mas_penalty(adam_opts["eager"], reg, reg_lambda=lam, fused=False)
-    mas_optim.add_mas_penalty(adam_opts["cached"], reg, reg_lambda=lam, fused=False,
-                              cache_penalty=True)
-    adam_fns = {
-        "baseline": runner(adam["plain"], adam_opts["plain"]),
-        "add_mas_penalty": runner(adam["hook"], adam_opts["hook"]),
-        "add_mas_penalty eager": runner(adam["eager"], adam_opts["eager"]),
-        "add_mas_penalty eager cached": runner(adam["cached"], adam_opts["cached"]),
-        "autograd penalty": runner(adam["auto"], adam_opts["auto"],
-                                   extra_loss=autograd_penalty(list(adam["auto"].named_parameters()))),
-    }
-    for f in (*sgd_fns.values(), *adam_fns.values()):  # warm up: buffers, allocator, compile
-        f()
-        f()
-    return {"sgd": each_against_baseline(sgd_fns, repeats, inner),
-            "adamw": each_against_baseline(adam_fns, repeats, inner)}
+    def add():
+        torch._foreach_addcmul_([p.grad for p in ps], omegas, torch._foreach_sub(ps, inits),
+                                value=2 * LAM)
+    return add
 
 
-def bench_step_alone(repeats: int, inner: int = 50) -> Dict[str, Dict[str, float]]:
-    """optimizer.step() alone (the same gradients every time) on deep_mlp's 204 small tensors,
-    where the per-tensor work of the step is what costs; its forward and backward are too noisy
-    here to time the whole training step."""
-    torch.manual_seed(0)
-    lam, hp = 0.01, dict(lr=1e-3, momentum=0.9)
-    models = {name: deep_mlp() for name in ("sgd", "local", "head", "eager", "adamw", "hook")}
-    for m in models.values():
-        for p in m.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-    reg = reg_params_for(models["local"])
-    adamw, hooked = (torch.optim.AdamW(models[k].named_parameters(), lr=1e-3)
-                     for k in ("adamw", "hook"))
-    mas_optim.add_mas_penalty(hooked, reg, reg_lambda=lam)
-    sgd_fns = {
-        "baseline": torch.optim.SGD(models["sgd"].parameters(), **hp).step,
-        "LocalSgd": mas_optim.LocalSgd(models["local"].named_parameters(), reg_params=reg,
-                                       reg_lambda=lam, **hp).step,
-        "LocalSgd eager": mas_optim.LocalSgd(models["eager"].named_parameters(), reg_params=reg,
-                                             reg_lambda=lam, fused=False, **hp).step,
-        # the last layer without an entry, as a new task's head: stepped by torch's SGD
-        "LocalSgd head": mas_optim.LocalSgd(models["head"].named_parameters(),
-                                            reg_params=dict(list(reg.items())[:-2]),
-                                            reg_lambda=lam, **hp).step,
-    }
-    adam_fns = {"baseline": adamw.step, "add_mas_penalty": hooked.step}
-    for f in (*sgd_fns.values(), *adam_fns.values()):  # state, kernel plans
-        f()
-        f()
-        f()
-    return {"sgd": each_against_baseline(sgd_fns, repeats, inner),
-            "adamw": each_against_baseline(adam_fns, repeats, inner)}
+def sgd_candidates(hidden: int, x, y) -> Dict[str, Callable[[], None]]:
+    fns: Dict[str, Callable[[], None]] = {}
+    m = mlp(hidden)
+    fns["baseline"] = training_step(m, torch.optim.SGD(m.parameters(), fused=True, **SGD_HP), x, y)
+    m = mlp(hidden)
+    fns["SGD default"] = training_step(m, torch.optim.SGD(m.parameters(), **SGD_HP), x, y)
+    for label, options, context in (
+            ("LocalSgd default", {}, contextlib.nullcontext),
+            ("LocalSgd foreach", dict(foreach=True), contextlib.nullcontext),
+            ("LocalSgd single_tensor", dict(fused=False), contextlib.nullcontext),
+            ("LocalSgd single_tensor unsliced", dict(fused=False), unsliced)):
+        m = mlp(hidden)
+        opt = mas_optim.LocalSgd(m.named_parameters(), reg_params=reg_params_for(m),
+                                 reg_lambda=LAM, **SGD_HP, **options)
+        fns[label] = training_step(m, opt, x, y, context=context)
+    m = mlp(hidden)
+    fns["foreach penalty + SGD fused"] = training_step(
+        m, torch.optim.SGD(m.parameters(), fused=True, **SGD_HP), x, y,
+        before_step=foreach_penalty(m, reg_params_for(m)))
+    m = mlp(hidden)
+    fns["autograd penalty + SGD fused"] = training_step(
+        m, torch.optim.SGD(m.parameters(), fused=True, **SGD_HP), x, y,
+        extra_loss=autograd_penalty(m, reg_params_for(m)))
+    return fns
 
 
-def main(repeats: int) -> None:
-    print("Training step, batch 128: time / time(plain optimizer), medians of paired repeats")
-    for label, make_model, inner in MODELS:
-        params = list(make_model().parameters())
-        n = sum(p.numel() for p in params)
-        r = bench_step(make_model, repeats, inner)
-        s, a = r["sgd"], r["adamw"]
-        kernel = "" if _kernels.load() is not None else f" (eager: {_kernels.reason()})"
-        print(f"  {label} ({n / 1e6:.2f}M params in {len(params)} tensors)")
-        print(f"    SGD momentum 0.9, {s['baseline_ms']:.2f} ms per step:  "
-              f"LocalSgd {s['LocalSgd']:.3f}x{kernel}   eager {s['LocalSgd eager']:.3f}x   "
-              f"eager uncached {s['LocalSgd eager uncached']:.3f}x   "
-              f"autograd penalty {s['autograd penalty']:.3f}x   "
-              f"python loop {s['python loop']:.3f}x")
-        print(f"    AdamW, {a['baseline_ms']:.2f} ms per step:  "
-              f"add_mas_penalty {a['add_mas_penalty']:.3f}x{kernel}   "
-              f"eager {a['add_mas_penalty eager']:.3f}x   "
-              f"eager cached {a['add_mas_penalty eager cached']:.3f}x   "
-              f"autograd penalty {a['autograd penalty']:.3f}x")
-    r = bench_step_alone(repeats)
-    s, a = r["sgd"], r["adamw"]
-    print("Optimizer step alone, MLP 784-32, 100 x 32-32, 32-10 (0.13M params in 204 tensors)")
-    print(f"    SGD momentum 0.9, {s['baseline_ms']:.2f} ms per step:  "
-          f"LocalSgd {s['LocalSgd']:.3f}x   eager {s['LocalSgd eager']:.3f}x   "
-          f"LocalSgd, head without entry {s['LocalSgd head']:.3f}x")
-    print(f"    AdamW, {a['baseline_ms']:.2f} ms per step:  "
-          f"add_mas_penalty {a['add_mas_penalty']:.3f}x")
+def adamw_candidates(hidden: int, x, y) -> Dict[str, Callable[[], None]]:
+    fns: Dict[str, Callable[[], None]] = {}
+    m = mlp(hidden)
+    fns["baseline"] = training_step(
+        m, torch.optim.AdamW(m.parameters(), fused=True, **ADAMW_HP), x, y)
+    m = mlp(hidden)
+    fns["AdamW default"] = training_step(m, torch.optim.AdamW(m.parameters(), **ADAMW_HP), x, y)
+    for label, options in (("add_mas_penalty default", {}),
+                           ("add_mas_penalty foreach", dict(foreach=True)),
+                           ("add_mas_penalty single_tensor", dict(fused=False))):
+        m = mlp(hidden)
+        opt = torch.optim.AdamW(m.named_parameters(), fused=True, **ADAMW_HP)
+        mas_optim.add_mas_penalty(opt, reg_params_for(m), reg_lambda=LAM, **options)
+        fns[label] = training_step(m, opt, x, y)
+    m = mlp(hidden)
+    fns["autograd penalty"] = training_step(
+        m, torch.optim.AdamW(m.parameters(), fused=True, **ADAMW_HP), x, y,
+        extra_loss=autograd_penalty(m, reg_params_for(m)))
+    return fns
+
+
+def main(repeats: int, clock: Callable[[], float]) -> None:
+    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    impl, why = functional.implementation([torch.zeros(1)])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch 128, "
+          f"medians of {repeats} paired repeats; CPU default implementation: {impl} ({why})")
+    for label, hidden, inner in MODELS:
+        for name, make, base in (("SGD", sgd_candidates, "SGD(momentum=0.9, fused=True)"),
+                                 ("AdamW", adamw_candidates, "AdamW(fused=True)")):
+            fns = make(hidden, x, y)
+            for f in fns.values():  # warm up: state, allocator, the kernel's build
+                f()
+                f()
+            r = each_against_baseline(fns, repeats, inner, clock)
+            print(f"{label}, {name}: time / time({base}) = {r.pop('baseline_ms'):.2f} ms")
+            for candidate, ratio in r.items():
+                print(f"    {candidate:34s} {ratio:.3f}x")
 
 
 if __name__ == "__main__":
@@ -195,6 +169,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=15, help="paired repeats (default 15)")
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--wall", action="store_true", help="wall time instead of CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    main(3 if args.quick else args.repeats)
+    main(3 if args.quick else args.repeats, time.perf_counter if args.wall else time.process_time)
