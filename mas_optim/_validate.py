@@ -180,13 +180,17 @@ class CheckedEntries:
 
 def unwrap_optimizer(optimizer: Any, who: str) -> torch.optim.Optimizer:
     """The torch optimizer inside the wrappers training frameworks hand over: accelerate's
-    ``AcceleratedOptimizer`` (``.optimizer``), Lightning's ``LightningOptimizer``
-    (``._optimizer``). Anything else that is not a ``torch.optim.Optimizer``: a TypeError."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None:
-            raise TypeError(f"{who} needs a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}: pass the torch optimizer it wraps")
-        optimizer, seen = inner, seen + 1
+    ``AcceleratedOptimizer`` (``.optimizer``; itself an Optimizer subclass without the state of
+    one), Lightning's ``LightningOptimizer`` (``._optimizer``). Anything else that is not a
+    ``torch.optim.Optimizer``: a TypeError."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{who} needs a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}: pass the torch optimizer it wraps")
     return optimizer

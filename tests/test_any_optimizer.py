@@ -213,3 +213,41 @@ def test_penalty_value():
     reg = random_reg_params(model, skip=("2.bias",))
     mas = add_mas_penalty(torch.optim.Adam(model.named_parameters()), reg, reg_lambda=0.25)
     torch.testing.assert_close(mas.penalty(), autograd_penalty(model, reg, 0.25).detach())
+
+
+# ------------------------------------------------------------------ framework wrappers
+
+def _accelerate_wrapper(opt):
+    accelerate = pytest.importorskip("accelerate")
+    wrapped = accelerate.Accelerator(cpu=True).prepare_optimizer(opt)
+    assert type(wrapped).__name__ == "AcceleratedOptimizer"
+    return wrapped
+
+
+def _lightning_wrapper(opt):
+    lightning = pytest.importorskip("lightning")
+    return lightning.pytorch.core.optimizer.LightningOptimizer(opt)
+
+
+@pytest.mark.parametrize("wrap", [_accelerate_wrapper, _lightning_wrapper],
+                         ids=["accelerate", "lightning"])
+def test_a_framework_wrapped_optimizer_gets_the_penalty(wrap):
+    lam = 0.7
+    ref, ours = make_mlp(), make_mlp()
+    reg = random_reg_params(ref)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    opt = torch.optim.AdamW(ours.named_parameters(), lr=0.01)
+    wrapped = wrap(opt)
+    mas = add_mas_penalty(wrapped, copy.deepcopy(reg), reg_lambda=lam)
+    assert mas.optimizer is opt
+    for x, y in batches(3):
+        step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
+        step(ours, opt, x, y)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_what_is_not_an_optimizer_is_refused_in_one_line():
+    with pytest.raises(TypeError, match=r"^add_mas_penalty needs a torch.optim.Optimizer, got "
+                                        r"dict: pass the torch optimizer it wraps$"):
+        add_mas_penalty({"lr": 0.1}, {})
