@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._state import take_entries, with_entries
 from ._validate import CheckedEntries, as_reg_lambda, check_reg_params, group_names
 from .reg_params import RegParams
 
@@ -141,14 +142,22 @@ class LocalSgd(torch.optim.SGD):
             for key in _MAS_KEYS:
                 group.setdefault(key, self._mas_defaults[key])
 
+    def state_dict(self) -> Dict[str, Any]:
+        """As torch's, plus Ω and θ* of each regularised parameter in its state
+        (``"mas_omega"``, ``"mas_init_val"``); λ is in each group (``"reg_lambda"``)."""
+        return with_entries(super().state_dict(), self.param_groups, group_names,
+                            self._reg_params, [g["reg_lambda"] for g in self.param_groups])
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """As torch's, with two differences that keep the penalty on:
+        """As torch's, restoring the penalty: Ω and θ* (they replace :attr:`reg_params`), λ
+        and ``proximal`` per group. Also:
 
         * the optimizer keeps its own parameter names (they key ``reg_params``). Saved names
           must be the same up to a leading ``module.`` or ``_orig_mod.`` (DDP, DataParallel,
           torch.compile); any other difference is a ``ValueError`` naming the parameter.
-        * groups saved without ``reg_lambda``/``proximal`` (a ``torch.optim.SGD`` state dict)
-          keep this optimizer's per-group values.
+        * a state dict without Ω and θ* (``torch.optim.SGD``'s, an older mas_optim's) keeps
+          this optimizer's reg_params, with one warning; groups saved without
+          ``reg_lambda``/``proximal`` keep this optimizer's values.
         """
         state_dict = dict(state_dict)
         saved = state_dict.get("param_groups")
@@ -162,7 +171,14 @@ class LocalSgd(torch.optim.SGD):
                     group.setdefault(key, own[key])
                 groups.append(group)
             state_dict["param_groups"] = groups
+        state_dict, found = take_entries(state_dict, self.param_groups, group_names)
         super().load_state_dict(state_dict)
+        if found is not None:
+            self.reg_params = found
+        else:
+            warnings.warn(f"LocalSgd.load_state_dict: the state dict carries no Ω/θ* (saved "
+                          f"without the MAS penalty); keeping this optimizer's reg_params "
+                          f"({len(self._reg_params)} entries)", UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ reg_params
 

@@ -19,12 +19,14 @@ state, options and fused/foreach kernels are torch's, untouched. Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._state import pop_loaded_entries, take_entries, with_entries
 from ._validate import (CheckedEntries, as_reg_lambda, check_reg_params, group_names,
                         unwrap_optimizer)
 from .local_sgd import LocalSgd
@@ -62,11 +64,22 @@ class MasPenalty:
         self._by_id: dict = {}
         self._entries = CheckedEntries()
         self._reg_params: RegParams = {}
+        loaded = pop_loaded_entries(optimizer, self._names)
+        if loaded is not None and reg_params is not None:
+            warnings.warn("add_mas_penalty: using the reg_params given; the Ω/θ* loaded into "
+                          "the optimizer's state are dropped", UserWarning, stacklevel=3)
+        elif reg_params is None:
+            if loaded is None:
+                warnings.warn("add_mas_penalty: no reg_params given and none loaded into the "
+                              "optimizer's state: the penalty is off until reg_params are set",
+                              UserWarning, stacklevel=3)
+            reg_params = loaded
         self.reg_params = reg_params if reg_params is not None else {}
-        if proximal:
-            self._handles = [optimizer.register_step_post_hook(self._after_step)]
-        else:
-            self._handles = [optimizer.register_step_pre_hook(self._before_step)]
+        self._handles = [
+            optimizer.register_step_post_hook(self._after_step) if proximal
+            else optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_state_dict_post_hook(self._save),
+            optimizer.register_load_state_dict_pre_hook(self._load)]
 
     @property
     def reg_params(self) -> RegParams:
@@ -118,6 +131,20 @@ class MasPenalty:
                     terms.append((p, found[0], found[1]))
             yield group, lam, terms
 
+    def _save(self, optimizer, state_dict):
+        return with_entries(state_dict, optimizer.param_groups, self._names, self._reg_params,
+                            [g.get("reg_lambda", self.reg_lambda) for g in optimizer.param_groups])
+
+    def _load(self, optimizer, state_dict):
+        state_dict, found = take_entries(state_dict, optimizer.param_groups, self._names)
+        if found is None:
+            warnings.warn("optimizer.load_state_dict: the state dict carries no Ω/θ* (saved "
+                          "without the MAS penalty); keeping add_mas_penalty's reg_params "
+                          f"({len(self._reg_params)} entries)", UserWarning, stacklevel=3)
+        else:
+            self.reg_params = found
+        return state_dict
+
     def _before_step(self, optimizer, args, kwargs):
         # args are step's own: (optimizer, [closure])
         closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
@@ -161,7 +188,7 @@ class MasPenalty:
 
 def add_mas_penalty(
     optimizer: torch.optim.Optimizer,
-    reg_params: Optional[RegParams],
+    reg_params: Optional[RegParams] = None,
     reg_lambda: float = 0.01,
     *,
     model: Optional[nn.Module] = None,
@@ -179,6 +206,13 @@ def add_mas_penalty(
     Hooks are not pickled by torch: after ``copy.deepcopy``/``pickle`` of the optimizer, attach
     again.
 
+    The optimizer's ``state_dict()`` then carries Ω and θ* per regularised parameter
+    (``"mas_omega"``, ``"mas_init_val"`` in its state) and λ per group (``"reg_lambda"``), and
+    its ``load_state_dict()`` restores them, so a framework's checkpoint of the optimizer keeps
+    the penalty. Attached after such a load, it takes them from the optimizer's state (torch's
+    Adam refuses to load a state with Ω/θ* alone, saved before a parameter's first step:
+    attach the penalty before loading such a state dict).
+
     The penalty is added when ``step()`` runs, after any gradient clipping (and after
     ``GradScaler.unscale_``): clipping sees the task gradient only. After the step ``.grad``
     holds the task gradient plus 2λΩ(θ − θ*) (θ before the step), on every implementation;
@@ -190,8 +224,11 @@ def add_mas_penalty(
             parameters are matched to ``reg_params`` by the names it was built with
             (``model.named_parameters()``) or, for parameters without names, by identity in
             ``model.named_parameters()``.
-        reg_params: ``{name: {"omega": Ω, "init_val": θ*}}``.
-        reg_lambda: λ ≥ 0 (per group: a ``"reg_lambda"`` key in the group overrides it).
+        reg_params: ``{name: {"omega": Ω, "init_val": θ*}}``; ``None``: those a state dict
+            loaded into the optimizer before the penalty was attached (HF Trainer loads its
+            checkpoint before callbacks run), else none, with one warning.
+        reg_lambda: λ ≥ 0 (per group: a ``"reg_lambda"`` key in the group overrides it; a
+            loaded state dict sets it).
         model: needed when the optimizer was built from unnamed parameters.
         proximal: instead of the gradient, apply the exact proximal map
             θ ← θ* + (θ − θ*)/(1 + 2·lr·λ·Ω) after each step. Defined only for

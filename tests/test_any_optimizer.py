@@ -121,27 +121,78 @@ def test_remove_detaches_the_penalty():
         assert torch.equal(a, b)
 
 
-def test_state_dict_is_the_optimizers_own_and_resumes_identically():
-    lam = 0.7
+@pytest.mark.parametrize("attach", ["before-load", "after-load"])
+def test_state_dict_restores_the_penalty_in_a_fresh_optimizer_bit_identically(attach):
+    """The contract framework checkpoints rely on: state_dict() of an optimizer carrying the
+    penalty, load_state_dict() into a fresh one of the same kind (the penalty attached before
+    or after the load, without reg_params) restores Ω, θ* and λ."""
     a, b = make_mlp(), make_mlp()
-    reg = random_reg_params(a)
     opt_a = torch.optim.AdamW(a.named_parameters(), lr=0.01)
-    add_mas_penalty(opt_a, reg, reg_lambda=lam)
+    add_mas_penalty(opt_a, random_reg_params(a), reg_lambda=0.7)
     data = batches(6)
     for x, y in data[:3]:
         step(a, opt_a, x, y)
     sd = copy.deepcopy(opt_a.state_dict())
-    plain_keys = torch.optim.AdamW(make_mlp().named_parameters(), lr=0.01).state_dict()
-    assert sd["param_groups"][0].keys() == plain_keys["param_groups"][0].keys()
+    assert sd["param_groups"][0]["reg_lambda"] == 0.7
+    assert {"exp_avg", "mas_omega", "mas_init_val"} <= set(sd["state"][0])
     b.load_state_dict(a.state_dict())
     opt_b = torch.optim.AdamW(b.named_parameters(), lr=0.01)
-    opt_b.load_state_dict(sd)
-    add_mas_penalty(opt_b, reg, reg_lambda=lam)
+    if attach == "before-load":
+        with pytest.warns(UserWarning, match="no reg_params given and none loaded"):
+            mas_b = add_mas_penalty(opt_b)
+        opt_b.load_state_dict(sd)
+    else:
+        opt_b.load_state_dict(sd)
+        mas_b = add_mas_penalty(opt_b)
+        assert all("mas_omega" not in st for st in opt_b.state.values())
+    assert mas_b.penalty().item() > 0
     for x, y in data[3:]:
         step(a, opt_a, x, y)
         step(b, opt_b, x, y)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_state_dict_saved_before_any_step_leaves_lazy_state_to_the_optimizer():
+    """Only Ω/θ* in a parameter's saved state: Adam must still initialise its own state at its
+    first step (the penalty, attached before the load, takes them out)."""
+    model = make_mlp()
+    opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    add_mas_penalty(opt, random_reg_params(model), reg_lambda=0.7)
+    sd = opt.state_dict()
+    fresh = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match="none loaded"):
+        mas = add_mas_penalty(fresh)
+    fresh.load_state_dict(sd)
+    assert len(mas.reg_params) == 4 and not fresh.state
+    step(model, fresh, *batches(1)[0])
+    assert all("exp_avg" in st for st in fresh.state.values())
+
+
+def test_a_state_dict_without_the_penalty_says_so_and_keeps_reg_params():
+    model = make_mlp()
+    reg = random_reg_params(model)
+    opt = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    mas = add_mas_penalty(opt, reg, reg_lambda=0.7)
+    plain = torch.optim.AdamW(make_mlp().named_parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match=r"carries no Ω/θ\*.*keeping add_mas_penalty's "
+                                         r"reg_params \(4 entries\)"):
+        opt.load_state_dict(plain.state_dict())
+    assert mas.reg_params is reg
+
+
+def test_reg_params_given_after_a_load_that_carried_some_are_used_and_said():
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    add_mas_penalty(opt, random_reg_params(model), reg_lambda=0.7)
+    step(model, opt, *batches(1)[0])
+    fresh = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    fresh.load_state_dict(opt.state_dict())
+    mine = random_reg_params(model, seed=5)
+    with pytest.warns(UserWarning, match="using the reg_params given"):
+        mas = add_mas_penalty(fresh, mine, reg_lambda=0.7)
+    assert mas.reg_params is mine
+    assert all(set(st) == {"step", "exp_avg", "exp_avg_sq"} for st in fresh.state.values())
 
 
 def test_group_reg_lambda_overrides_the_default():

@@ -147,7 +147,8 @@ def test_state_dict_saved_under_ddp_names_keeps_the_optimizers_names():
     before = opt.penalty().item()
     ddp_like = LocalSgd([("module." + n, p) for n, p in make_model().named_parameters()],
                         reg_lambda=1.0, lr=0.1)
-    opt.load_state_dict(ddp_like.state_dict())
+    with pytest.warns(UserWarning, match="carries no"):
+        opt.load_state_dict(ddp_like.state_dict())
     assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
     assert before > 0 and opt.penalty().item() == before
 
@@ -169,7 +170,8 @@ def test_plain_sgd_state_dict_keeps_per_group_lambda_and_proximal():
     opt = LocalSgd(groups, reg_params=random_reg_params(model), lr=0.1)
     sgd = torch.optim.SGD([{"params": list(model[0].parameters())},
                            {"params": list(model[2].parameters())}], lr=0.3)
-    opt.load_state_dict(sgd.state_dict())
+    with pytest.warns(UserWarning, match="carries no"):
+        opt.load_state_dict(sgd.state_dict())
     assert [g["reg_lambda"] for g in opt.param_groups] == [2.0, 0.0]
     assert [g["proximal"] for g in opt.param_groups] == [True, False]
     assert [g["lr"] for g in opt.param_groups] == [0.3, 0.3]
