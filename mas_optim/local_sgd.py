@@ -31,25 +31,16 @@ _NAME_PREFIXES = ("module.", "_orig_mod.")  # added by DDP / DataParallel and to
 class LocalSgd(torch.optim.SGD):
     r"""Drop-in :class:`torch.optim.SGD` with the MAS penalty gradient added in ``step()``.
 
-    Each step is :func:`mas_optim.functional.mas_sgd` on each param group: for a parameter θ
-    with an entry in ``reg_params`` (Ω, θ*), exactly ``torch.optim.SGD`` on the loss plus
-    λΣΩ(θ − θ*)² (``maximize`` negates only the task gradient: the penalty always pulls θ back
-    toward θ*). Every other parameter gets torch's own SGD update: one without an entry (a
-    task head, say) and one without a name (added to ``param_groups[i]["params"]`` by a
-    dynamic-model loop such as Avalanche's). ``.grad`` is never written: after a step it holds
-    the task gradient, on every implementation.
-
-    With ``proximal=True`` the step is torch's SGD on the task gradient alone, followed by the
-    exact proximal map of γλΣΩ(θ−θ*)²:  θ ← θ* + (θ − θ*) / (1 + 2γλΩ). The explicit step
-    diverges once 2γλΩ > 2 (LocalSgd then warns once); the proximal step is stable for any λ
-    and agrees with the explicit one as γλΩ → 0.
-
-    With ``track_path_integral=True`` it also accumulates Synaptic Intelligence's path integral
-    w ← w − g ⊙ Δθ at every step (g: the task gradient, Δθ: the change the step made); see
-    :meth:`path_integral_omega`.
-
-    Ω, θ* and λ travel in :meth:`state_dict` (per parameter, like momentum buffers; λ per
-    group), so a framework's checkpoint of the optimizer restores the penalty.
+    Each step is :func:`mas_optim.functional.mas_sgd` per param group: for a parameter with an
+    entry (Ω, θ*) in ``reg_params``, exactly ``torch.optim.SGD`` on the loss plus λΣΩ(θ − θ*)²
+    (``maximize`` negates only the task gradient); every other parameter (no entry, or no name:
+    appended by a dynamic-model loop such as Avalanche's) gets torch's own SGD update. ``.grad``
+    is never written: after a step it holds the task gradient, on every implementation.
+    ``proximal=True``: torch's SGD on the task gradient, then the exact proximal map
+    θ ← θ* + (θ − θ*) / (1 + 2γλΩ), stable for any λ; the explicit step diverges once
+    2γλ max Ω > 2, and LocalSgd then warns once. ``track_path_integral=True`` also accumulates
+    Synaptic Intelligence's path integral (:meth:`path_integral_omega`). Ω, θ* and λ travel in
+    :meth:`state_dict`, so a framework's checkpoint of the optimizer restores the penalty.
 
     Args:
         params: ``model.named_parameters()``, or param groups whose ``"params"`` are
@@ -123,10 +114,8 @@ class LocalSgd(torch.optim.SGD):
 
     def __getstate__(self) -> Dict[str, Any]:
         # torch keeps only defaults/state/param_groups; the penalty needs the rest too.
-        state = super().__getstate__()
-        state.update(_reg_params=self._reg_params, _mas_defaults=self._mas_defaults,
-                     track_path_integral=self.track_path_integral)
-        return state
+        return dict(super().__getstate__(), _reg_params=self._reg_params,
+                    _mas_defaults=self._mas_defaults, track_path_integral=self.track_path_integral)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -135,7 +124,6 @@ class LocalSgd(torch.optim.SGD):
         self.__dict__.setdefault("_mas_defaults", {k: defaults[k] for k in _MAS_KEYS})
         self.__dict__.setdefault("_reg_params", {})
         self.__dict__.setdefault("track_path_integral", False)
-        self.__dict__.pop("cache_penalty", None)
         self._entries = CheckedEntries()
         self._warned_unstable = False
         for group in self.param_groups:
@@ -149,16 +137,11 @@ class LocalSgd(torch.optim.SGD):
                             self._reg_params, [g["reg_lambda"] for g in self.param_groups])
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """As torch's, restoring the penalty: Ω and θ* (they replace :attr:`reg_params`), λ
-        and ``proximal`` per group. Also:
-
-        * the optimizer keeps its own parameter names (they key ``reg_params``). Saved names
-          must be the same up to a leading ``module.`` or ``_orig_mod.`` (DDP, DataParallel,
-          torch.compile); any other difference is a ``ValueError`` naming the parameter.
-        * a state dict without Ω and θ* (``torch.optim.SGD``'s, an older mas_optim's) keeps
-          this optimizer's reg_params, with one warning; groups saved without
-          ``reg_lambda``/``proximal`` keep this optimizer's values.
-        """
+        """As torch's, restoring the penalty: Ω and θ* (replacing :attr:`reg_params`), λ and
+        ``proximal`` per group. The optimizer keeps its own parameter names; saved ones may
+        differ only by a leading ``module.`` or ``_orig_mod.`` (else a ValueError naming the
+        parameter). A state dict without Ω/θ* (``torch.optim.SGD``'s) keeps this optimizer's
+        reg_params, with one warning, and its groups' λ and ``proximal`` where it has none."""
         state_dict = dict(state_dict)
         saved = state_dict.get("param_groups")
         if isinstance(saved, list) and len(saved) == len(self.param_groups):
@@ -184,8 +167,7 @@ class LocalSgd(torch.optim.SGD):
 
     @property
     def reg_params(self) -> RegParams:
-        """The ``{name: {"omega", "init_val"}}`` dict the penalty uses (checked on assignment,
-        and again at the step for any entry or parameter that changed)."""
+        """``{name: {"omega", "init_val"}}``, checked on assignment and when it changes."""
         return self._reg_params
 
     @reg_params.setter
@@ -209,13 +191,9 @@ class LocalSgd(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """Perform one optimization step.
-
-        Args:
-            closure: a callable that re-evaluates the model and returns the loss, or a
-                reg_params dict (``optimizer.step(reg_params)``, as the original code calls it),
-                which then replaces :attr:`reg_params`.
-        """
+        """One optimization step. ``closure``: a callable that re-evaluates the model and
+        returns the loss, or a reg_params dict (``step(reg_params)``, as the original code
+        calls it), which then replaces :attr:`reg_params`."""
         if isinstance(closure, Mapping):
             self.reg_params, closure = closure, None
         loss = None
@@ -248,13 +226,10 @@ class LocalSgd(torch.optim.SGD):
         if not group["proximal"] and 2 * lr * lam * top > 2 and not self._warned_unstable:
             self._warned_unstable = True
             warnings.warn(f"LocalSgd: 2·lr·λ·max Ω = {2 * lr * lam * top:.3g} > 2, where the "
-                          "explicit penalty step diverges (NaN weights); use "
-                          "LocalSgd(..., proximal=True), stable for any λ", RuntimeWarning,
-                          stacklevel=4)
-        track = self.track_path_integral
-        if track:
-            for p in params:
-                _before_path_step(self.state[p], p)
+                          "explicit penalty step diverges (NaN weights); use LocalSgd(..., "
+                          "proximal=True), stable for any λ", RuntimeWarning, stacklevel=4)
+        for p in params if self.track_path_integral else ():
+            _before_path_step(self.state[p], p)
         F.mas_sgd(params, grads, bufs, omegas, inits, reg_lambda=lam, lr=lr,
                   momentum=group["momentum"], dampening=group["dampening"],
                   weight_decay=group["weight_decay"], nesterov=group["nesterov"],
@@ -263,37 +238,30 @@ class LocalSgd(torch.optim.SGD):
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
-        if track:
-            for p in params:
-                _after_path_step(self.state[p], p)
+        for p in params if self.track_path_integral else ():
+            _after_path_step(self.state[p], p)
 
     # ------------------------------------------------------------------ logging and SI
 
     @torch.no_grad()
     def penalty(self) -> Tensor:
         """λ Σ Ω (θ − θ*)² over this optimizer's regularised parameters (Eq. 3), for logging."""
-        terms = []
-        for i, group in enumerate(self.param_groups):
-            for name, p in zip(group_names(group, i), group["params"]):
-                found = self._entries.get(self._reg_params, name, p)
-                if found is not None:
-                    terms.append((float(group["reg_lambda"]), p, found[0], found[1]))
+        found = ((g["reg_lambda"], p, self._entries.get(self._reg_params, n, p))
+                 for i, g in enumerate(self.param_groups)
+                 for n, p in zip(group_names(g, i), g["params"]))
+        total = F.penalty((lam, p, e[0], e[1]) for lam, p, e in found if e is not None)
         first = next((p for g in self.param_groups for p in g["params"]), None)
-        total = F.penalty(terms)
         return total if first is None else total.to(device=first.device, dtype=first.dtype)
 
     @torch.no_grad()
     def path_integral_omega(self, xi: float = 0.1) -> Dict[str, Tensor]:
         r"""Synaptic Intelligence importance, then reset the path integral.
 
-        Returns, for every named parameter that has taken a tracked step,
+        For every named parameter that has taken a tracked step,
         :math:`\Omega = w / ((\theta - \theta_{start})^2 + \xi)` (Zenke et al. 2017, Eq. 5),
-        where :math:`w = -\sum_t g_t \odot \Delta\theta_t` and θ_start is the value when tracking
-        began or was last reset. w is set to zero and θ_start to the current values, ready for
-        the next task. Feed the result to :func:`consolidate_reg_params` like any Ω.
-
-        Args:
-            xi: the damping ξ > 0 that keeps Ω bounded where a parameter barely moved.
+        :math:`w = -\sum_t g_t \odot \Delta\theta_t` (g: the task gradient), θ_start the value
+        when tracking began or was last reset; then w = 0 and θ_start = θ, ready for the next
+        task. Feed it to :func:`consolidate_reg_params` like any Ω. ``xi``: the damping ξ > 0.
         """
         if not self.track_path_integral:
             raise RuntimeError("path_integral_omega needs LocalSgd(..., track_path_integral=True)")
