@@ -1,9 +1,9 @@
 """The one-pass CPU kernels of ``csrc/mas_kernels.c``, built at first use with the C compiler.
 
 The MAS step is memory-bound: every pass of torch's ops streams whole tensors. ``mas_kernels.c``
-does LocalSgd's update (penalty, weight decay, momentum, the proximal map) and add_mas_penalty's
-gradient in one pass each, reading every tensor once: the ``"fused"`` implementation of
-:mod:`mas_optim.functional` on the CPU. It has no dependency but libc, so building it takes
+does LocalSgd's update (penalty, weight decay, momentum, the proximal map) in one pass, reading
+every tensor once: the ``"fused"`` implementation of :func:`mas_optim.functional.mas_sgd` on the
+CPU. It has no dependency but libc, so building it takes
 about a second with any C compiler (``$CC``, else ``cc``), and it is called through
 :mod:`ctypes` on the tensors' memory, one call per group of tensors. Large tensors are cut into
 slices run on torch's own OpenMP team where torch's ``libgomp.so.1`` is loaded (the library is
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).parent / "csrc" / "mas_kernels.c"
-_ABI = 4
+_ABI = 5
 # No contraction into fused multiply-adds, so each operation rounds like torch's.
 _FLAGS = ("-O3", "-std=c99", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 # The vector instructions of the CPU it is built on (AVX2 and AVX-512 where there are: on
@@ -64,9 +64,7 @@ class Kernels:
         for dtype, (suffix, real) in _DTYPES.items():
             sgd = getattr(lib, f"mas_sgd_many_{suffix}")
             sgd.argtypes, sgd.restype = [i64, rows, i32] + [real] * 6, i32
-            pen = getattr(lib, f"mas_penalty_many_{suffix}")
-            pen.argtypes, pen.restype = [i64, rows, i32, real], None
-            self._fns[dtype] = (sgd, pen)
+            self._fns[dtype] = sgd
         self._pid = os.getpid()
         # Large tensors are cut into slices on torch's own OpenMP team (see mas_kernels.c);
         # without it, on the calling thread alone.
@@ -77,11 +75,7 @@ class Kernels:
         """LocalSgd's update, in place, of the tensors whose addresses are in ``rows``: θ, g,
         b (0 without momentum), Ω, θ*, element counts, flags; ``scalars`` = (lr, momentum,
         dampening, weight_decay, coef, gsign). See ``mas_kernels.c``."""
-        _check(self._fns[dtype][0](len(rows[0]), _int64s(rows), self._threads(), *scalars))
-
-    def penalty(self, dtype: torch.dtype, rows: Sequence[Sequence[int]], coef: float) -> None:
-        """``g += coef·Ω(θ − θ*)`` in place; ``rows``: addresses of g, θ, Ω, θ*, counts."""
-        self._fns[dtype][1](len(rows[0]), _int64s(rows), self._threads(), coef)
+        _check(self._fns[dtype](len(rows[0]), _int64s(rows), self._threads(), *scalars))
 
     def _threads(self) -> int:
         # libgomp's team does not survive fork(): a forked child (where torch's own parallel

@@ -28,10 +28,12 @@ Implementations, picked in one place (:func:`implementation`):
   reference.
 * ``"foreach"``: torch's multi-tensor ``_foreach_*`` kernels, one launch per pass for a whole
   list. The default on CUDA, as for torch's optimizers.
-* ``"fused"``: one pass per tensor in C (``csrc/mas_kernels.c``, built at first use), for CPU
-  float32/float64 tensors; the default on the CPU. A tensor it cannot take (another dtype, not
-  contiguous, sharing memory with another) takes the single-tensor step. There is no fused
-  implementation for other devices: ``fused=True`` there takes ``"foreach"``.
+* ``"fused"`` (:func:`mas_sgd` only): one pass per tensor in C (``csrc/mas_kernels.c``, built
+  at first use), for CPU float32/float64 tensors; the default on the CPU. A tensor it cannot
+  take (another dtype, not contiguous, sharing memory with another) takes the single-tensor
+  step. There is none for other devices (``fused=True`` there takes ``"foreach"``), nor for
+  :func:`add_penalty_` (on the CPU it is single-tensor). Each choice is measured in
+  docs/speed.md.
 
 Parameters may be FSDP2 DTensors: the update is elementwise, so each rank updates its own
 shards (Ω, θ* and momentum buffers sharded like the parameters).
@@ -58,9 +60,10 @@ _SLICE_ABOVE = 1 << 20
 
 
 def implementation(params: Sequence[Tensor], *, foreach: Optional[bool] = None,
-                   fused: Optional[bool] = None) -> Tuple[str, str]:
-    """The implementation :func:`mas_sgd` and :func:`add_penalty_` take for ``params`` with
-    these options, and why: ``("fused" | "foreach" | "single_tensor", reason)``.
+                   fused: Optional[bool] = None, penalty_only: bool = False) -> Tuple[str, str]:
+    """The implementation :func:`mas_sgd` (or, with ``penalty_only``, :func:`add_penalty_`)
+    takes for ``params`` with these options, and why: ``("fused" | "foreach" |
+    "single_tensor", reason)``.
 
     ``foreach``/``fused`` as in ``torch.optim.SGD``; ``None`` picks the default of the
     parameters' device.
@@ -68,6 +71,9 @@ def implementation(params: Sequence[Tensor], *, foreach: Optional[bool] = None,
     if foreach and fused:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     devices = {local(p).device.type for p in params}
+    if penalty_only and not foreach and devices == {"cpu"}:
+        return "single_tensor", ("the penalty alone has no fused step (a C kernel measured no "
+                                 "faster, docs/speed.md); torch's default on the CPU")
     if fused is not False and not foreach and devices == {"cpu"}:
         if _kernels.load() is not None:
             return "fused", "CPU tensors: the one-pass C kernel (csrc/mas_kernels.c)"
@@ -82,8 +88,9 @@ def implementation(params: Sequence[Tensor], *, foreach: Optional[bool] = None,
         foreach is False or fused is False) else f"the default on {'/'.join(sorted(devices))}"
 
 
-def _pick(params: Sequence[Tensor], foreach: Optional[bool], fused: Optional[bool]) -> str:
-    impl, why = implementation(params, foreach=foreach, fused=fused)
+def _pick(params: Sequence[Tensor], foreach: Optional[bool], fused: Optional[bool],
+          penalty_only: bool = False) -> str:
+    impl, why = implementation(params, foreach=foreach, fused=fused, penalty_only=penalty_only)
     if fused and impl != "fused" and any(local(p).device.type == "cpu" for p in params):
         warnings.warn(f"fused=True: {why}; using the {impl} step", RuntimeWarning, stacklevel=3)
     return impl
@@ -237,21 +244,7 @@ def add_penalty_(grads: List[Tensor], params: List[Tensor], omegas: List[Tensor]
     if coef == 0 or not grads:
         return
     gs, ps, os_, cs = ([local(t) for t in xs] for xs in (grads, params, omegas, init_vals))
-    impl = _pick(params, foreach, fused)
-    if impl == "fused":
-        kernels, rows, rest = _kernels.load(), {}, []
-        for item in zip(gs, ps, os_, cs):
-            if kernels is not None and _kernels.fits(*item):
-                rows.setdefault(item[0].dtype, []).append(
-                    tuple(t.data_ptr() for t in item) + (item[0].numel(),))
-            else:
-                rest.append(item)
-        for dtype, entries in rows.items():
-            kernels.penalty(dtype, list(zip(*entries)), coef)  # type: ignore[union-attr]
-        if not rest:
-            return
-        gs, ps, os_, cs = (list(xs) for xs in zip(*rest))
-        impl = "single_tensor"
+    impl = _pick(params, foreach, fused, penalty_only=True)
     if impl == "foreach":
         torch._foreach_addcmul_(gs, os_, torch._foreach_sub(ps, cs), value=coef)
         return

@@ -75,9 +75,11 @@ HOST_OPTIMIZERS = [
     (torch.optim.Adagrad, dict(lr=0.05)),
     (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
 ]
-# The implementations of mas_optim.functional, by the options that choose them on the CPU.
+# The implementations of mas_optim.functional, by the options that choose them on the CPU
+# (the penalty alone, add_mas_penalty's, has no fused one).
 IMPLEMENTATIONS = {"fused": {}, "foreach": dict(foreach=True),
                    "single_tensor": dict(fused=False)}
+PENALTY_IMPLEMENTATIONS = {"foreach": dict(foreach=True), "single_tensor": {}}
 
 
 def options_id(hp):

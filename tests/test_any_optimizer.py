@@ -9,12 +9,13 @@ from torch import nn
 
 import mas_optim
 from mas_optim import add_mas_penalty
-from optim_reference import (HOST_OPTIMIZERS, IMPLEMENTATIONS, SGD_OPTIONS, autograd_penalty,
-                             batches, host_id, implementation_options, make_mlp, options_id,
+from mas_optim import functional
+from optim_reference import (HOST_OPTIMIZERS, PENALTY_IMPLEMENTATIONS, SGD_OPTIONS,
+                             autograd_penalty, batches, host_id, make_mlp, options_id,
                              random_reg_params, step)
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", PENALTY_IMPLEMENTATIONS)
 @pytest.mark.parametrize("cls, hp", HOST_OPTIMIZERS, ids=[host_id(o) for o in HOST_OPTIMIZERS])
 def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, impl):
     lam = 0.7
@@ -22,7 +23,7 @@ def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, impl):
     reg = random_reg_params(ref, skip=("2.bias",))
     opt_ref = cls(ref.parameters(), **hp)
     opt = cls(ours.named_parameters(), **hp)
-    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, **implementation_options(impl))
+    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, **PENALTY_IMPLEMENTATIONS[impl])
     for x, y in batches(6):
         step(ref, opt_ref, x, y, lambda: autograd_penalty(ref, reg, lam))
         step(ours, opt, x, y)
@@ -30,14 +31,14 @@ def test_equals_the_optimizer_on_the_penalised_loss(cls, hp, impl):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", PENALTY_IMPLEMENTATIONS)
 def test_the_gradient_after_a_step_is_the_task_gradient_plus_the_penalty(impl):
     """On every implementation, and whatever the host (here AdamW's fused step)."""
     lam = 0.7
     model = make_mlp()
     reg = random_reg_params(model)
     opt = torch.optim.AdamW(model.named_parameters(), lr=0.01, fused=True)
-    add_mas_penalty(opt, reg, reg_lambda=lam, **implementation_options(impl))
+    add_mas_penalty(opt, reg, reg_lambda=lam, **PENALTY_IMPLEMENTATIONS[impl])
     x, y = batches(1)[0]
     nn.functional.cross_entropy(model(x), y).backward()
     want = {n: p.grad + 2 * lam * reg[n]["omega"] * (p.detach() - reg[n]["init_val"])
@@ -45,6 +46,17 @@ def test_the_gradient_after_a_step_is_the_task_gradient_plus_the_penalty(impl):
     opt.step()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_the_penalty_alone_is_single_tensor_on_the_cpu_and_fused_true_says_so():
+    params = list(make_mlp().parameters())
+    impl, why = functional.implementation(params, penalty_only=True)
+    assert impl == "single_tensor" and "no fused step" in why
+    model = make_mlp()
+    opt = torch.optim.SGD(model.named_parameters(), lr=0.1)
+    add_mas_penalty(opt, random_reg_params(model), reg_lambda=0.7, fused=True)
+    with pytest.warns(RuntimeWarning, match="fused=True: the penalty alone has no fused step"):
+        step(model, opt, *batches(1)[0])
 
 
 def test_penalty_changes_the_trajectory():
@@ -60,14 +72,14 @@ def test_penalty_changes_the_trajectory():
                for a, b in zip(plain.parameters(), ours.parameters())) > 1e-3
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", PENALTY_IMPLEMENTATIONS)
 def test_maximize_still_descends_the_penalty(impl):
     lam, hp = 0.5, dict(lr=0.01, maximize=True)
     ref, ours = make_mlp(), make_mlp()
     reg = random_reg_params(ref)
     opt_ref = torch.optim.Adam(ref.parameters(), **hp)
     opt = torch.optim.Adam(ours.named_parameters(), **hp)
-    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, **implementation_options(impl))
+    add_mas_penalty(opt, copy.deepcopy(reg), reg_lambda=lam, **PENALTY_IMPLEMENTATIONS[impl])
     for x, y in batches(4):  # ascending task − penalty
         step(ref, opt_ref, x, y, lambda: -autograd_penalty(ref, reg, lam))
         step(ours, opt, x, y)
@@ -213,7 +225,7 @@ def test_group_reg_lambda_overrides_the_default():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "single_tensor"])
+@pytest.mark.parametrize("impl", PENALTY_IMPLEMENTATIONS)
 @pytest.mark.parametrize("hp", SGD_OPTIONS, ids=options_id)
 def test_proximal_for_sgd_is_the_step_then_the_exact_proximal_map(hp, impl):
     lr, lam = hp["lr"], 0.7
@@ -221,7 +233,7 @@ def test_proximal_for_sgd_is_the_step_then_the_exact_proximal_map(hp, impl):
     reg = random_reg_params(ref)
     opt_ref = torch.optim.SGD(ref.parameters(), **hp)
     opt = torch.optim.SGD(ours.named_parameters(), **hp)
-    add_mas_penalty(opt, reg, reg_lambda=lam, proximal=True, **IMPLEMENTATIONS[impl])
+    add_mas_penalty(opt, reg, reg_lambda=lam, proximal=True, **PENALTY_IMPLEMENTATIONS[impl])
     for x, y in batches(4):
         step(ref, opt_ref, x, y)
         with torch.no_grad():  # θ ← θ* + (θ − θ*) / (1 + 2·lr·λ·Ω)

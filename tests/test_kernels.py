@@ -1,4 +1,4 @@
-"""The one-pass C kernels (mas_optim/csrc/mas_kernels.c): the same numbers as the formula in
+"""LocalSgd's one-pass C kernel (mas_optim/csrc/mas_kernels.c): the same numbers as the formula in
 float64, every tensor they can't take stepped another correct way, the build cached safely,
 and a machine without a compiler served by the eager path without a word."""
 
@@ -138,8 +138,7 @@ def test_tensors_the_kernel_cannot_take_are_stepped_exactly(fused):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("which", ["local_sgd", "penalty"])
-def test_two_threads_give_exactly_what_one_gives(which, fused):
+def test_two_threads_give_exactly_what_one_gives(fused):
     """A tensor above the threading threshold is cut into slices run at once."""
     big = 2 * 2 * PER_THREAD + 5
 
@@ -147,11 +146,8 @@ def test_two_threads_give_exactly_what_one_gives(which, fused):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(big // 5, 5, bias=False))
         reg = random_reg_params(model)
-        if which == "local_sgd":
-            opt = LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=0.7, lr=0.05,
-                           momentum=0.9)
-        else:
-            opt = _with_penalty(torch.optim.SGD(model.named_parameters(), lr=0.05), reg, 0.7)
+        opt = LocalSgd(model.named_parameters(), reg_params=reg, reg_lambda=0.7, lr=0.05,
+                       momentum=0.9)
         before = torch.get_num_threads()
         g = torch.Generator().manual_seed(1)
         try:
@@ -185,24 +181,15 @@ class Vectors(nn.Module):
         return sum((w * x).sin().sum() for w, x in zip(self.w, self.x))
 
 
-@pytest.mark.parametrize("kind", ["local_sgd", "penalty", "adamw"])
-def test_every_tensor_length_is_stepped_exactly(kind, fused):
+def test_every_tensor_length_is_stepped_exactly(fused):
     lam, hp = 0.7, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
     ref, ours = Vectors(), Vectors()
     g = torch.Generator().manual_seed(1)
     reg = {n: {"omega": torch.rand(p.shape, generator=g, dtype=p.dtype),
                "init_val": p.detach() + torch.randn(p.shape, generator=g, dtype=p.dtype)}
            for n, p in ref.named_parameters()}
-    if kind == "adamw":
-        hp = dict(lr=0.01, weight_decay=0.05)
-        opt_ref = torch.optim.AdamW(ref.parameters(), **hp)
-        opt = _with_penalty(torch.optim.AdamW(ours.named_parameters(), **hp), reg, lam)
-    elif kind == "penalty":
-        opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-        opt = _with_penalty(torch.optim.SGD(ours.named_parameters(), **hp), reg, lam)
-    else:
-        opt_ref = torch.optim.SGD(ref.parameters(), **hp)
-        opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, **hp)
+    opt_ref = torch.optim.SGD(ref.parameters(), **hp)
+    opt = LocalSgd(ours.named_parameters(), reg_params=reg, reg_lambda=lam, **hp)
     for _ in range(4):
         for model, o, extra in ((ref, opt_ref, True), (ours, opt, False)):
             o.zero_grad()
@@ -366,7 +353,7 @@ def test_slices_run_on_torchs_own_openmp_team_where_torch_uses_libgomp():
                                                     "libgomp.so.1")]
 
 
-def test_penalty_under_grad_scaler_and_lr_schedule_equals_the_penalised_loss(fused):
+def test_penalty_under_grad_scaler_and_lr_schedule_equals_the_penalised_loss():
     """GradScaler unscales before step() (the hook sees true gradients) and a scheduler
     changes lr between steps (the kernel reads it at each step)."""
     lam = 0.7

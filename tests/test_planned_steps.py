@@ -10,7 +10,7 @@ import torch
 
 import mas_optim
 from mas_optim import LocalSgd
-from optim_reference import (IMPLEMENTATIONS, autograd_penalty, batches,
+from optim_reference import (IMPLEMENTATIONS, PENALTY_IMPLEMENTATIONS, autograd_penalty, batches,
                              implementation_options, make_mlp, random_reg_params, sgd_pair,
                              step)
 
@@ -168,7 +168,7 @@ HOOK_CHANGES = {
 }
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PENALTY_IMPLEMENTATIONS)
 @pytest.mark.parametrize("change", HOOK_CHANGES)
 def test_every_change_between_steps_reaches_the_next_penalty(change, path):
     """add_mas_penalty on AdamW against AdamW on the penalised loss; the last layer's bias has
@@ -178,7 +178,7 @@ def test_every_change_between_steps_reaches_the_next_penalty(change, path):
     reg = copy.deepcopy(reg_ref)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.05)
     opt = torch.optim.AdamW(ours.named_parameters(), lr=0.01, weight_decay=0.05)
-    hook = mas_optim.add_mas_penalty(opt, reg, reg_lambda=0.7, **implementation_options(path))
+    hook = mas_optim.add_mas_penalty(opt, reg, reg_lambda=0.7, **PENALTY_IMPLEMENTATIONS[path])
     lam = 0.7
     for i, (x, y) in enumerate(batches(7)):
         if i == 4:

@@ -1,4 +1,4 @@
-/* One-pass MAS updates on contiguous CPU buffers, loaded by mas_optim/_kernels.py.
+/* LocalSgd's one-pass MAS update on contiguous CPU buffers, loaded by mas_optim/_kernels.py.
  *
  * Each function reads every tensor once and writes each output once, where torch's ops take
  * three to five passes. The arithmetic is that of the single-tensor reference in
@@ -144,45 +144,13 @@ enum {
         return 0;                                                                            \
     }
 
-/* add_mas_penalty's gradient: g += coef*Ω*(θ − θ*), coef = ±2λ. */
-#define MAS_PENALTY_AHEAD(F, at)                                                             \
-    do {                                                                                     \
-        MAS_PREFETCH(g, at, 1); MAS_PREFETCH(p, at, 0);                                      \
-        MAS_PREFETCH(omega, at, 0); MAS_PREFETCH(init, at, 0);                               \
-    } while (0)
-
-#define MAS_PENALTY(T, NAME)                                                                 \
-    void NAME(T *restrict g, const T *restrict p, const T *restrict omega,                  \
-              const T *restrict init, int64_t n, T coef) {                                   \
-        MAS_BLOCKED(T, MAS_PENALTY_AHEAD, 0, { g[i] += coef * omega[i] * (p[i] - init[i]); }); \
-    }
-
-/* add_mas_penalty's gradient for k tensors: args holds 5 rows of k int64 (addresses of g, θ,
- * Ω, θ*, then element counts). */
-#define MAS_PENALTY_MANY(T, NAME, ONE)                                                       \
-    void NAME(int64_t k, const int64_t *args, int32_t nthreads, T coef) {                    \
-        for (int64_t j = 0; j < k; ++j) {                                                    \
-            const int64_t n = args[4 * k + j];                                               \
-            int32_t code = 0;                                                                \
-            MAS_SLICED(n, nthreads, code,                                                    \
-                       (ONE(MAS_AT(T, args[j], lo), MAS_AT(T, args[k + j], lo),              \
-                            MAS_AT(T, args[2 * k + j], lo), MAS_AT(T, args[3 * k + j], lo),  \
-                            len, coef), 0));                                                 \
-            (void)code;                                                                      \
-        }                                                                                    \
-    }
-
 MAS_SGD(float, mas_sgd_f32)
 MAS_SGD(double, mas_sgd_f64)
 MAS_SGD_MANY(float, mas_sgd_many_f32, mas_sgd_f32)
 MAS_SGD_MANY(double, mas_sgd_many_f64, mas_sgd_f64)
-MAS_PENALTY(float, mas_penalty_f32)
-MAS_PENALTY(double, mas_penalty_f64)
-MAS_PENALTY_MANY(float, mas_penalty_many_f32, mas_penalty_f32)
-MAS_PENALTY_MANY(double, mas_penalty_many_f64, mas_penalty_f64)
 
 /* The interface version the loader checks, so a stale or foreign library is never called. */
-int32_t mas_kernels_abi(void) { return 4; }
+int32_t mas_kernels_abi(void) { return 5; }
 
 /* Whether the *_many functions run their slices on OpenMP threads. */
 int32_t mas_kernels_openmp(void) {
