@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import mas_optim
-from mas_optim import LocalSgd
 from optim_reference import (IMPLEMENTATIONS, PENALTY_IMPLEMENTATIONS, autograd_penalty, batches,
                              implementation_options, make_mlp, random_reg_params, sgd_pair,
                              step)
