@@ -7,13 +7,17 @@ Learn a sequence of tasks without forgetting the earlier ones:
   optimizer (Adam, AdamW, RMSprop, ...);
 * :func:`compute_omega` (and :class:`OmegaSgd`) - the importance Ω after each task;
 * :func:`init_reg_params`, :func:`consolidate_reg_params`, :func:`save_reg_params`,
-  :func:`load_reg_params` - what is remembered between tasks, keyed by parameter name.
+  :func:`load_reg_params` - what is remembered between tasks, keyed by parameter name;
+* :mod:`mas_optim.functional` - the update itself over lists of tensors (``mas_sgd``,
+  ``add_penalty_``, ``proximal_``) and ``implementation()``, which says which implementation
+  runs and why.
 
 LocalSgd, add_mas_penalty, compute_omega and the reg_params functions take models sharded by
 FSDP2's ``fully_shard`` too: Ω and θ* are then sharded like the parameters
 (:mod:`mas_optim.sharded`, imported on first use).
 """
 
+from . import functional
 from .atomic import atomic_write
 from .importance import compute_omega
 from .local_sgd import LocalSgd
@@ -38,6 +42,7 @@ __all__ = [
     "atomic_write",
     "compute_omega",
     "consolidate_reg_params",
+    "functional",
     "init_reg_params",
     "load_reg_params",
     "save_reg_params",

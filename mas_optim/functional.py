@@ -260,7 +260,7 @@ def proximal_(params: List[Tensor], omegas: List[Tensor], init_vals: List[Tensor
     lr_coef = 2.0 * lr * reg_lambda
     if not ps or lr_coef == 0:
         return
-    if implementation(params, foreach=foreach, fused=False)[0] == "foreach":
+    if implementation(params, foreach=foreach, penalty_only=True)[0] == "foreach":
         d = torch._foreach_sub(ps, cs)
         den = torch._foreach_mul(os_, lr_coef)
         torch._foreach_add_(den, 1.0)

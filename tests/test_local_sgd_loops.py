@@ -334,3 +334,33 @@ def test_a_stable_step_does_not_warn(proximal, lam):
         warnings.simplefilter("error")
         for x, y in batches(2):
             step(model, opt, x, y)
+
+
+def test_torch_distributed_checkpoint_round_trip_restores_the_penalty(tmp_path):
+    """DCP loads into the state dict of the optimizer it restores: that optimizer needs entries
+    of the right shapes (init_reg_params) for DCP to fill in."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    hp = dict(lr=0.05, momentum=0.9)
+    a, b = make_model(), make_model()
+    reg = random_reg_params(a)
+    opt_a = LocalSgd(a.named_parameters(), reg_params=copy.deepcopy(reg), reg_lambda=0.3, **hp)
+    data = batches(5)
+    for x, y in data[:2]:
+        step(a, opt_a, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+        dcp.save({"optim": get_optimizer_state_dict(a, opt_a)}, checkpoint_id=str(tmp_path))
+        b.load_state_dict(a.state_dict())
+        opt_b = LocalSgd(b.named_parameters(), reg_params=mas_optim.init_reg_params(b),
+                         reg_lambda=0.0, **hp)
+        template = {"optim": get_optimizer_state_dict(b, opt_b)}
+        dcp.load(template, checkpoint_id=str(tmp_path))
+        set_optimizer_state_dict(b, opt_b, template["optim"])
+    assert opt_b.param_groups[0]["reg_lambda"] == 0.3
+    for x, y in data[2:]:
+        step(a, opt_a, x, y)
+        step(b, opt_b, x, y)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

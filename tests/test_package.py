@@ -39,3 +39,29 @@ def test_library_never_imports_the_application():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_module_imports_another_modules_private_names():
+    """Private helper modules (``_kernels``, ``_validate``) may be imported; a name starting
+    with ``_`` from another module may not."""
+    for path in (ROOT / "mas_optim").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                for alias in node.names:
+                    module = path.parent / (node.module or "")
+                    is_module = (module / f"{alias.name}.py").exists() or (
+                        module / alias.name).is_dir()
+                    assert not alias.name.startswith("_") or is_module, \
+                        f"{path.name} imports {alias.name} from {node.module}"
+
+
+def test_functional_core_is_public_and_one_place_picks_the_implementation():
+    import torch
+
+    from mas_optim import functional
+
+    assert mas_optim.functional is functional
+    impl, why = functional.implementation([torch.zeros(2)], foreach=True)
+    assert (impl, why) == ("foreach", "foreach=True")
+    impl, why = functional.implementation([torch.zeros(2)], fused=False)
+    assert impl == "single_tensor" and why
