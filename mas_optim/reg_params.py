@@ -146,6 +146,62 @@ def parse_accumulate(value: Union[str, float]) -> Union[str, float]:
     return alpha
 
 
+# ----------------------------------------------------------------------- sharded (FSDP2)
+
+def full_reg_params(reg_params: RegParams) -> RegParams:
+    """Full, plain CPU tensors for the ``DTensor`` entries of ``reg_params``; others as they are.
+
+    Collective: every rank must call it, with the same names in the same order (as
+    :func:`mas_optim.init_reg_params` builds them on every rank). Each ``DTensor`` is gathered
+    one at a time, so beyond the result only one full tensor is in flight. ``reg_params`` is not
+    modified; a new dict is returned.
+    """
+    return {
+        name: {key: t.full_tensor().cpu() if is_sharded(t) else t for key, t in entry.items()}
+        for name, entry in reg_params.items()
+    }
+
+
+def shard_reg_params_like(reg_params: RegParams, model: nn.Module) -> RegParams:
+    """This rank's slices of full reg_params, placed like ``model``'s sharded parameters.
+
+    For every name whose parameter in ``model`` is a ``DTensor``, the entry's full tensors
+    become ``DTensor``\\ s on that parameter's device mesh with its placements (each rank keeps
+    its slice of its own copy: no communication, so every rank must hold the same full tensors,
+    as every rank that loaded the same file does). Other entries are returned unchanged.
+    ``reg_params`` is not modified; a new dict is returned.
+
+    Raises:
+        ValueError: a full tensor's shape differs from its parameter's (global) shape.
+    """
+    # imported here: only a model with DTensor parameters needs torch.distributed.tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    named = dict(model.named_parameters())
+    out: RegParams = {}
+    for name, entry in reg_params.items():
+        p = named.get(name)
+        if not is_sharded(p):
+            out[name] = entry
+            continue
+        sharded = {}
+        for key, t in entry.items():
+            if is_sharded(t):
+                if t.device_mesh != p.device_mesh or t.placements != p.placements:
+                    raise ValueError(f"reg_params[{name!r}][{key!r}] is already sharded, "
+                                     "but not like its parameter; pass full tensors")
+                sharded[key] = t
+                continue
+            if t.shape != p.shape:
+                raise ValueError(f"reg_params[{name!r}][{key!r}] has shape {tuple(t.shape)}, "
+                                 f"the parameter's (global) shape is {tuple(p.shape)}")
+            # src_data_rank=None: every rank slices its own full copy, nothing is sent.
+            sharded[key] = distribute_tensor(t.detach().to(p.device), p.device_mesh,
+                                             p.placements, src_data_rank=None)
+        out[name] = sharded
+    return out
+
+
 # ----------------------------------------------------------------------------- persistence
 
 def save_reg_params(reg_params: RegParams, path: PathLike, *,
@@ -159,8 +215,6 @@ def save_reg_params(reg_params: RegParams, path: PathLike, *,
     """
     check_structure(reg_params)
     if any(is_sharded(t) for entry in reg_params.values() for t in entry.values()):
-        from .sharded import full_reg_params
-
         full = full_reg_params(reg_params)
         # Rank 0 writes and tells every rank how it went: a failed write is then an error on
         # every rank, not rank 0's error and a hang of the others in a barrier.
@@ -244,8 +298,6 @@ def load_reg_params(path: PathLike, model: Optional[nn.Module] = None) -> RegPar
     if model is not None:
         _fit_to_model(reg_params, model, where)
         if any(is_sharded(p) for p in model.parameters()):
-            from .sharded import shard_reg_params_like
-
             return shard_reg_params_like(reg_params, model)
     return reg_params
 

@@ -21,6 +21,7 @@ The model runs in eval mode (BatchNorm uses its running statistics, dropout is o
 is processed exactly as its samples would be one by one.
 """
 
-from .engine import all_reduce_sums, compute_omega, omega_sums
+from .engine import all_reduce_sums, omega_sums
+from .omega import compute_omega
 
 __all__ = ["all_reduce_sums", "compute_omega", "omega_sums"]
