@@ -47,7 +47,10 @@ def omega_sums(
     else:
         engine = _BatchFormula(params, forward)
     count = 0
-    with _eval_mode(model):
+    # A torch.compile'd model (or submodule) runs eagerly: the pass hooks modules and swaps
+    # parameters (torch.func), which compiled code would trace (and dynamo refuses); the names
+    # stay the compiled module's (``_orig_mod.`` ...), as its optimizer and reg_params see them.
+    with _eval_mode(model), torch.compiler.set_stance("force_eager"):
         for batch in loader:
             batch = tree_map(lambda t: t.to(device).detach() if isinstance(t, Tensor) else t,
                              batch)

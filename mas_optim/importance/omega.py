@@ -53,9 +53,11 @@ def compute_omega(
             carry a ``logits`` entry or attribute (e.g. a Hugging Face ``ModelOutput``).
 
     Returns:
-        ``{name: Ω}`` for every parameter with ``requires_grad``, on that parameter's device
-        and in its dtype (float64 models are computed in float64). The model's training mode is
-        restored; its parameters and ``.grad`` are not touched.
+        ``{name: Ω}`` for every parameter with ``requires_grad``: plain tensors (no autograd
+        graph), on that parameter's device and in its dtype (float64 models are computed in
+        float64). The model's training mode is restored; its parameters and ``.grad`` are not
+        touched. A ``torch.compile``'d model runs eagerly for the pass, its names unchanged
+        (``_orig_mod.`` ...).
 
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off), so a
     batch is processed as its samples would be one by one; how the exact per-sample values come
