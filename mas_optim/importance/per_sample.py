@@ -31,8 +31,9 @@ network, so within one :func:`~mas_optim.importance.compute_omega` call its resu
 modules are proven, and their sample dimensions) is kept per *signature* of a batch and reused
 for every later batch with the same one; a new signature is proven anew. The signature is what
 decides the layout for code whose control flow depends on shapes only: the batch's structure
-and every tensor's shape, dtype and device (and every non-tensor value in it), every module
-call with the shapes, dtypes and devices of its inputs and outputs (and non-tensor values), and
+and every tensor's shape, dtype and device (and every non-tensor value in it, by its type where
+it compares by identity), every module call with the shapes, dtypes and devices of its inputs
+and outputs (and non-tensor values), and
 the modules running at each use of each parameter. A batch with another size or sequence
 length, a module that did not run or ran twice, a parameter used elsewhere: each is a new
 signature (a batch with a value that cannot be hashed is proven on its own). The limit: control
@@ -138,7 +139,14 @@ def signature(batch: Any, calls: Dict[nn.Module, List[Call]],
 
 def _layout(leaves: List[Any]) -> tuple:
     return tuple((t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, Tensor)
-                 else (type(t), t) for t in leaves)
+                 else (type(t), _value(t)) for t in leaves)
+
+
+def _value(t: Any) -> Any:
+    # An object compared by identity (a fresh key-value cache per forward, as Hugging Face
+    # models return) has no value to compare: its type stands for it, so that later batches
+    # reuse the proof instead of each being a new signature.
+    return None if type(t).__eq__ is object.__eq__ else t
 
 
 class _Uses(TorchFunctionMode):
