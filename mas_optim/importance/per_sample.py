@@ -25,6 +25,13 @@ the batch size on dim 0 too); it is proven from the data flow:
    (tied weights, a layer called twice, a parameter used in a parent's ``forward``, a module
    without a rule) gets the module's vector-Jacobian product by ``torch.func`` (only that module
    reruns); with no proven module at all, the whole network per sample by ``torch.func``.
+   Two exceptions before that last resort: a parameter whose every use lies in a proven module
+   holding it, several such modules none inside another (tied weights), gets the sum of their
+   vector-Jacobian products at sample k (*tied*); a parameter of a module whose inputs and
+   outputs are the same for every sample, the outputs with a leading dimension of 1 that
+   broadcasts over the batch (position embeddings), gets that module's vector-Jacobian product
+   with the output gradient of a second forward in which the output is expanded to the batch,
+   accepted only if F comes out the same (*expanded*).
 
 **Proven once per signature.** The probe costs a second forward, as much as the rules on a small
 network, so within one :func:`~mas_optim.importance.compute_omega` call its result (which
