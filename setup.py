@@ -24,8 +24,18 @@ setup(
     extras_require={
         # train.py, model_class.py and utils/ (the application around the library)
         "train": ["torchvision>=0.21", "scikit-learn", "matplotlib", "tqdm"],
+        # the framework tests (tests/test_integrations_*.py, test_framework_checkpoints.py,
+        # test_examples.py, the PEFT and Hugging Face cases of test_reg_params.py and
+        # test_importance_models.py) need hf, peft and lightning. The integrations are tested
+        # with transformers 5.25, accelerate 1.16, peft 0.21 and lightning 2.6.
         "test": ["pytest", "hypothesis", "torchvision>=0.21", "scikit-learn",
-                 "matplotlib", "tqdm"],
+                 "matplotlib", "tqdm", "transformers", "accelerate", "peft", "lightning"],
+        # mas_optim.integrations.hf.MasCallback (Trainer needs accelerate)
+        "hf": ["transformers", "accelerate"],
+        # LoRA adapters with reg_params (docs/frameworks.md)
+        "peft": ["peft"],
+        # mas_optim.integrations.lightning.MasCallback
+        "lightning": ["lightning"],
         # mas_optim.avalanche.MasPlugin (tests/test_avalanche.py skips without it: it adds about
         # 4 minutes of installs to a CI set-up)
         "avalanche": ["avalanche-lib>=0.6"],

@@ -229,6 +229,50 @@ def bench_small(repeats: int) -> None:
               f"{original / r['per-sample']:.1f}x faster)")
 
 
+def hf_models():
+    """A tiny GPT-2 and BERT from configs (random init, nothing downloaded), with dict batches
+    of 64 sequences of 16 tokens whose attention masks pad some of them."""
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=32, bos_token_id=0,
+        eos_token_id=0))
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+        vocab_size=1000, max_position_embeddings=32, num_labels=4))
+    ids = torch.randint(0, 1000, (SAMPLES, 16))
+    mask = torch.ones(SAMPLES, 16, dtype=torch.long)
+    mask[::3, 12:] = 0
+    data = [{"input_ids": ids[i:i + BATCH], "attention_mask": mask[i:i + BATCH]}
+            for i in range(0, SAMPLES, BATCH)]
+    return {"GPT-2 2x64 (tied wte)": gpt2, "BERT 2x64": bert}, data
+
+
+def bench_hf(repeats: int) -> None:
+    print(f"\nHugging Face models, {SAMPLES} padded sequences of 16 tokens, batch {BATCH}: "
+          "time / time(batch formula)")
+    torch.manual_seed(0)
+    models, data = hf_models()
+    for label, model in models.items():
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def batch_size_one_loop():  # Eq. 2 with batch size 1, at its cheapest: autograd.grad
+            model.eval()
+            for b in data:
+                for k in range(len(b["input_ids"])):
+                    out = model(**{key: t[k:k + 1] for key, t in b.items()}).logits
+                    torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+
+        fns = {"batch formula": lambda: mas_optim.compute_omega(model, data, per_sample=False),
+               "exact": lambda: mas_optim.compute_omega(model, data),
+               "loop": batch_size_one_loop}
+        for f in fns.values():
+            f()
+        r = paired(fns, repeats, 1, clock=time.process_time)
+        print(f"  {label:22s} batch formula {r['baseline_ms']:6.1f} ms   exact {r['exact']:.2f}x"
+              f"   batch-size-1 loop {r['loop']:.2f}x", flush=True)
+
+
 def main(repeats: int, quick: bool = False) -> None:
     bench_small(1 if quick else max(3, repeats // 3))
     print(f"\nImportance pass, {SAMPLES} samples, batch {BATCH}: time / time(batch formula); "
@@ -236,6 +280,7 @@ def main(repeats: int, quick: bool = False) -> None:
     for label in MODELS:
         print(bench_model(label, max(1, repeats // 5) if quick else max(3, repeats // 3)),
               flush=True)
+    bench_hf(max(1, repeats // 5) if quick else max(3, repeats // 3))
     if quick:
         print("\n(peak memory: left out with --quick)")
         return
@@ -249,10 +294,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="paired repeats (default 15)")
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
+    parser.add_argument("--hf", action="store_true", help="the Hugging Face models only")
     parser.add_argument("--peak", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.peak:
         _peak_child(*args.peak)
+    elif args.hf:
+        bench_hf(args.repeats)
     else:
         main(3 if args.quick else args.repeats, args.quick)

@@ -10,7 +10,9 @@ Importing this module imports ``avalanche``; ``import mas_optim`` never does. Ex
         strategy.train(experience)
 
 After each training experience the plugin computes that experience's importance Ω (paper Eq. 2,
-:func:`mas_optim.compute_omega` on its training data, labels ignored), folds it into its
+:func:`mas_optim.compute_omega` on its training data, labels ignored; a ``MultiTaskModule``
+gets each sample's task label, ``model(x, t)``, so every sample goes through its own task's
+head, also in an experience with several tasks), folds it into its
 reg_params (:func:`mas_optim.consolidate_reg_params`, θ* = the current weights) and hands them
 to the optimizer: ``LocalSgd``'s ``reg_params``, or, for any other torch optimizer, a penalty
 attached with :func:`mas_optim.add_mas_penalty`. Parameters Avalanche adds later (a new task's
@@ -107,21 +109,13 @@ class MasPlugin(SupervisedPlugin):
         self._hand_over(strategy)
 
     def _omega(self, strategy) -> Dict[str, Tensor]:
-        experience = strategy.experience
-        loader = torch.utils.data.DataLoader(experience.dataset, batch_size=self.batch_size,
-                                             shuffle=False)
-        model = strategy.model
-        if isinstance(model, MultiTaskModule):
-            # Ω of the function the experience trained: the model with its task's head.
-            task = experience.task_labels
-            if len(task) != 1:
-                raise ValueError("MasPlugin needs one task label per experience for a "
-                                 f"multi-task model, got {list(task)}")
-            wrapped = _OneTask(model, int(task[0]))
-            omega = compute_omega(wrapped, _inputs_on(loader, strategy.device),
-                                  **self.omega_kwargs)
-            return {name[len("model."):]: t for name, t in omega.items()}
-        return compute_omega(model, _inputs_on(loader, strategy.device), **self.omega_kwargs)
+        loader = torch.utils.data.DataLoader(strategy.experience.dataset,
+                                             batch_size=self.batch_size, shuffle=False)
+        kwargs = dict(self.omega_kwargs)
+        if isinstance(strategy.model, MultiTaskModule):
+            # each sample through its own task's head: F of the task it was trained on
+            kwargs.setdefault("forward_fn", _with_task_labels)
+        return compute_omega(strategy.model, _on(loader, strategy.device), **kwargs)
 
     def _hand_over(self, strategy) -> None:
         opt = strategy.optimizer
@@ -140,25 +134,20 @@ class MasPlugin(SupervisedPlugin):
                                             model=strategy.model)
 
 
-class _OneTask(nn.Module):
-    def __init__(self, model: MultiTaskModule, task: int) -> None:
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_single_task(x, self.task)
+def _with_task_labels(model: MultiTaskModule, batch) -> Tensor:
+    """An Avalanche (x, y, t) batch through a MultiTaskModule: ``model(x, t)``."""
+    return model(batch[0], batch[2])
 
 
-class _inputs_on:
-    """The inputs of an Avalanche loader's (x, y, t) batches, on the strategy's device."""
+class _on:
+    """An Avalanche loader's (x, y, t) batches on the strategy's device."""
 
     def __init__(self, loader, device) -> None:
         self.loader, self.device = loader, device
 
     def __iter__(self):
         for batch in self.loader:
-            yield batch[0].to(self.device)
+            yield [t.to(self.device) for t in batch]
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -98,15 +98,22 @@ def consolidate_reg_params(
         reg_params: from :func:`init_reg_params` or :func:`load_reg_params`.
         model: its named parameters give the new θ*.
         omega: importance of the task just learnt, e.g. from :func:`compute_omega`; must have an
-            entry for every name in ``reg_params`` (extra names, such as a head's, are ignored).
+            entry for every name in ``reg_params`` whose parameter is trainable (extra names,
+            such as a head's, are ignored). An entry of a frozen parameter that ``omega`` lacks
+            (a LoRA adapter no longer trained, which :func:`compute_omega` skips) is kept as it
+            is: the parameter did not learn this task, and it has not moved.
         accumulate: ``"sum"`` or a float alpha in [0, 1] (see :func:`parse_accumulate`).
     """
     alpha = parse_accumulate(accumulate)
     named = dict(model.named_parameters())
+    unknown = [name for name in reg_params if name not in named]
+    if unknown:
+        raise KeyError(f"reg_params has {unknown[0]!r}, which the model does not have; "
+                       + explain_name_mismatch(unknown, named))
     for name, entry in reg_params.items():
-        if name not in named:
-            raise KeyError(f"reg_params has {name!r}, which the model does not have")
         if name not in omega:
+            if not named[name].requires_grad:
+                continue  # frozen since: keeps its importance and anchor
             raise KeyError(f"omega has no entry for regularised parameter {name!r}")
         new = omega[name].detach().to(entry["omega"])
         if new.shape != entry["omega"].shape:
@@ -146,6 +153,115 @@ def parse_accumulate(value: Union[str, float]) -> Union[str, float]:
     return alpha
 
 
+def explain_name_mismatch(expected: Iterable[str], found: Iterable[str]) -> str:
+    """One sentence on why parameter names ``expected`` (reg_params' keys) are not among
+    ``found`` (a model's or optimizer's names), for an error message:
+
+    * names that differ only by one dotted part, the same swap for all: a PEFT adapter name
+      (``...lora_A.default.weight`` vs ``...lora_A.task_b.weight``);
+    * names that differ by a prefix: a wrapper (``module.`` of DDP, ``_orig_mod.`` of
+      ``torch.compile``, ``base_model.model.`` of PEFT);
+    * otherwise: an example of each side.
+    """
+    expected = [n for n in expected]
+    found_set = set(found)
+    found = sorted(found_set)
+    missing = [n for n in expected if n not in found_set]
+    if not missing:
+        return "every name matches"
+    if not found:
+        return "the model has no named parameters"
+    swaps: Dict[tuple, str] = {}  # (position, expected part, found part) -> an example
+    by_shape: Dict[tuple, list] = {}
+    for name in found:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            by_shape.setdefault((len(parts), i, tuple(parts[:i] + parts[i + 1:])), []).append(
+                parts[i])
+    for name in missing:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            for other in by_shape.get((len(parts), i, tuple(parts[:i] + parts[i + 1:])), ()):
+                swaps.setdefault((parts[i], other), name)
+    if len(swaps) == 1 and not any(part.isdigit() for part in next(iter(swaps))):
+        (old, new), example = next(iter(swaps.items()))
+        return (f"the names differ only by adapter name: {old!r} in reg_params, {new!r} in the "
+                f"parameters (e.g. {example!r} vs "
+                f"{'.'.join(new if p == old else p for p in example.split('.'))!r})")
+    for a, b, which in ((missing, found, "reg_params'"), (found, missing, "the parameters'")):
+        for extra in _prefixes(a[0], b):
+            if all(n[len(extra):] in set(b) for n in a if n.startswith(extra)):
+                return (f"the names differ by a prefix: {which} carry {extra!r} (a wrapper: "
+                        f"DDP's 'module.', torch.compile's '_orig_mod.'); build reg_params from "
+                        f"the module the optimizer holds")
+    return (f"no name matches: e.g. {missing[0]!r} vs {found[0]!r}; build reg_params from the "
+            f"module whose named_parameters() the optimizer holds")
+
+
+def _prefixes(name: str, others: Iterable[str]) -> list:
+    """Dotted prefixes of ``name`` whose removal gives one of ``others``."""
+    others = set(others)
+    parts = name.split(".")
+    return [".".join(parts[:i]) + "." for i in range(1, len(parts))
+            if ".".join(parts[i:]) in others]
+
+
+# ----------------------------------------------------------------------- sharded (FSDP2)
+
+def full_reg_params(reg_params: RegParams) -> RegParams:
+    """Full, plain CPU tensors for the ``DTensor`` entries of ``reg_params``; others as they are.
+
+    Collective: every rank must call it, with the same names in the same order (as
+    :func:`mas_optim.init_reg_params` builds them on every rank). Each ``DTensor`` is gathered
+    one at a time, so beyond the result only one full tensor is in flight. ``reg_params`` is not
+    modified; a new dict is returned.
+    """
+    return {
+        name: {key: t.full_tensor().cpu() if is_sharded(t) else t for key, t in entry.items()}
+        for name, entry in reg_params.items()
+    }
+
+
+def shard_reg_params_like(reg_params: RegParams, model: nn.Module) -> RegParams:
+    """This rank's slices of full reg_params, placed like ``model``'s sharded parameters.
+
+    For every name whose parameter in ``model`` is a ``DTensor``, the entry's full tensors
+    become ``DTensor``\\ s on that parameter's device mesh with its placements (each rank keeps
+    its slice of its own copy: no communication, so every rank must hold the same full tensors,
+    as every rank that loaded the same file does). Other entries are returned unchanged.
+    ``reg_params`` is not modified; a new dict is returned.
+
+    Raises:
+        ValueError: a full tensor's shape differs from its parameter's (global) shape.
+    """
+    # imported here: only a model with DTensor parameters needs torch.distributed.tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    named = dict(model.named_parameters())
+    out: RegParams = {}
+    for name, entry in reg_params.items():
+        p = named.get(name)
+        if not is_sharded(p):
+            out[name] = entry
+            continue
+        sharded = {}
+        for key, t in entry.items():
+            if is_sharded(t):
+                if t.device_mesh != p.device_mesh or t.placements != p.placements:
+                    raise ValueError(f"reg_params[{name!r}][{key!r}] is already sharded, "
+                                     "but not like its parameter; pass full tensors")
+                sharded[key] = t
+                continue
+            if t.shape != p.shape:
+                raise ValueError(f"reg_params[{name!r}][{key!r}] has shape {tuple(t.shape)}, "
+                                 f"the parameter's (global) shape is {tuple(p.shape)}")
+            # src_data_rank=None: every rank slices its own full copy, nothing is sent.
+            sharded[key] = distribute_tensor(t.detach().to(p.device), p.device_mesh,
+                                             p.placements, src_data_rank=None)
+        out[name] = sharded
+    return out
+
+
 # ----------------------------------------------------------------------------- persistence
 
 def save_reg_params(reg_params: RegParams, path: PathLike, *,
@@ -159,8 +275,6 @@ def save_reg_params(reg_params: RegParams, path: PathLike, *,
     """
     check_structure(reg_params)
     if any(is_sharded(t) for entry in reg_params.values() for t in entry.values()):
-        from .sharded import full_reg_params
-
         full = full_reg_params(reg_params)
         # Rank 0 writes and tells every rank how it went: a failed write is then an error on
         # every rank, not rank 0's error and a hang of the others in a barrier.
@@ -192,8 +306,9 @@ def load_reg_params(path: PathLike, model: Optional[nn.Module] = None) -> RegPar
 
     Args:
         path: the ``reg_params.pickle`` file.
-        model: when given, every name must be a trainable parameter of ``model`` with the same
-            shape, and the tensors are moved to that parameter's device; for parameters sharded
+        model: when given, every name must be a parameter of ``model`` with the same shape
+            (trainable or frozen: PEFT loads an adapter frozen), and the tensors are moved to
+            that parameter's device; for parameters sharded
             by FSDP2 ``fully_shard`` each rank gets its own shard (DTensors placed alike).
 
     Raises:
@@ -244,8 +359,6 @@ def load_reg_params(path: PathLike, model: Optional[nn.Module] = None) -> RegPar
     if model is not None:
         _fit_to_model(reg_params, model, where)
         if any(is_sharded(p) for p in model.parameters()):
-            from .sharded import shard_reg_params_like
-
             return shard_reg_params_like(reg_params, model)
     return reg_params
 
@@ -295,11 +408,12 @@ def _decode_tensor(blob, where: str, what: str) -> torch.Tensor:
 
 
 def _fit_to_model(reg_params: RegParams, model: nn.Module, where: str) -> None:
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    named = dict(model.named_parameters())
     missing = sorted(set(reg_params) - set(named))
     if missing:
-        raise RegParamsError(f"{where}: has parameters the model does not have (or are frozen): "
-                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise RegParamsError(f"{where}: has parameters the model does not have: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                             + explain_name_mismatch(missing, named))
     for name, entry in reg_params.items():
         p = named[name]
         if entry["omega"].shape != p.shape:

@@ -173,3 +173,30 @@ def test_a_growing_head_keeps_the_importance_of_its_old_units():
     # Ω of the old units is kept and the second task's importance added to it (Ω only grows)
     assert (entry["omega"][:2] >= first["omega"]).all()
     assert entry["omega"][2:].sum() > 0
+
+
+def test_omega_of_a_multi_task_model_takes_each_samples_task_label():
+    """Ω after experience 0 is Eq. 2 of model(x, t), the float64 batch-size-1 loop, at the
+    weights experience 0 ended with (θ*), on that experience's (x, y, t) data."""
+    import copy
+
+    from importance_reference import assert_close, reference_omega
+
+    bench = benchmark()
+    strategy, plugin, snaps = make_strategy(1.0)
+    strategy.train(bench.train_stream[0])
+    strategy.train(bench.train_stream[1])
+    omega = snaps.omega[1]  # as the plugin handed it over after experience 0
+    model = copy.deepcopy(strategy.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in omega:
+                p.copy_(snaps.at_start[1][name])
+    data = list(torch.utils.data.DataLoader(bench.train_stream[0].dataset, batch_size=16))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # MultiTaskModule builds its output in the default
+    try:
+        want = reference_omega(model, data, forward_fn=lambda m, b: m(b[0], b[2]))
+    finally:
+        torch.set_default_dtype(default)
+    assert_close(omega, {n: want[n] for n in omega})

@@ -208,3 +208,15 @@ def test_failed_write_of_sharded_reg_params_is_an_error_on_every_rank(ranks):
         kind, text = report["failed_save_error"]
         assert kind in ("NotADirectoryError", "FileExistsError", "OSError"), report
         assert "one_process.pickle" in text, text
+
+
+def test_reg_params_and_importance_never_import_the_sharded_module():
+    """The FSDP2 module sits on top (issue 19): the modules beneath it never import it."""
+    import ast
+
+    root = Path(mas_optim.__file__).parent
+    for path in [root / "reg_params.py", *sorted((root / "importance").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+                assert not any(n == "sharded" or n.endswith(".sharded") for n in names), path.name

@@ -1,12 +1,15 @@
 """compute_omega against paper Eq. 2 computed by a float64 batch-size-1 autograd loop, on the
 layer kinds and models people train (small sizes)."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from importance_reference import assert_close, reference_omega
 from mas_optim import compute_omega
+from mas_optim.importance.rules import rule_for
 
 
 class TextConv(nn.Module):
@@ -223,3 +226,72 @@ def test_a_batch_with_another_sequence_length_is_proven_again(case):
         batches = [tokens((4, 6), generator=g), tokens((5, 5), generator=g),
                    tokens((3, 7), generator=g)]
     assert_close(compute_omega(model, batches), reference_omega(model, batches))
+
+
+# ------------------------------------------------------------------ Hugging Face models (tiny)
+
+def tiny_hf(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40,
+                                         n_positions=16, bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=40,
+                                     max_position_embeddings=16, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+def padded_batches(g):
+    """Tokenizer-style dict batches with padding: HF's mask code branches on the mask values,
+    which torch.func.vmap cannot run."""
+    out = []
+    for n in (4, 3):
+        ids = torch.randint(0, 40, (n, 6), generator=g)
+        mask = torch.ones(n, 6, dtype=torch.long)
+        mask[0, 4:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_hf_model_omega_is_exact_detached_and_batched(kind):
+    """Tied embeddings (GPT-2's wte/lm_head), position embeddings shared by all samples and
+    HF's Conv1D take batched paths: exact against the float64 loop, no autograd graph, and no
+    warning that a path fell back to one sample at a time."""
+    model = tiny_hf(kind)
+    batches = padded_batches(torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compute_omega(model, batches)
+    assert not [w for w in caught if "compute_omega" in str(w.message)]
+    for name, omega in got.items():
+        assert not omega.requires_grad and omega.grad_fn is None, name
+    want = reference_omega(model, batches)
+    # a key projection's bias has zero gradient (softmax ignores a shift shared by all keys):
+    # both sides hold rounding noise there, compared on the scale of the whole model's Ω
+    top = max(w.abs().max().item() for w in want.values())
+    zero = {n for n, w in want.items() if w.abs().max().item() < 1e-9 * top}
+    assert zero == {n for n in want if n.endswith("key.bias")}
+    assert all(got[n].abs().max().item() < 1e-5 * top for n in zero)
+    assert_close({n: t for n, t in got.items() if n not in zero},
+                 {n: t for n, t in want.items() if n not in zero})
+
+
+def test_hf_conv1d_has_a_rule():
+    model = tiny_hf("gpt2")
+    conv1d = model.transformer.h[0].attn.c_attn
+    assert type(conv1d).__name__ == "Conv1D"
+    assert rule_for(conv1d) is not None
+
+
+def test_compiled_model_gives_the_original_modules_omega_under_its_own_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    compiled = torch.compile(model)
+    batches = [torch.randn(5, 4)]
+    got = compute_omega(compiled, batches)
+    want = reference_omega(model, batches)
+    assert set(got) == {"_orig_mod." + n for n in want}
+    assert_close({n[len("_orig_mod."):]: t for n, t in got.items()}, want)

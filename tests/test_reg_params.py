@@ -244,3 +244,85 @@ def test_parse_accumulate_refuses_anything_else_in_one_line(value):
     with pytest.raises(ValueError, match=r"^accumulate must be 'sum' or a number in \[0, 1\], "
                                          r"got .*$"):
         mas_optim.reg_params.parse_accumulate(value)
+
+
+# ------------------------------------------------------------------ PEFT / LoRA adapters
+
+def lora_model(adapter="default"):
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    return peft, peft.get_peft_model(base, config, adapter_name=adapter), config
+
+
+def test_lora_reg_params_hold_only_the_trainable_adapter():
+    _, model, _ = lora_model()
+    reg = mas_optim.init_reg_params(model)
+    assert reg and set(reg) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n and ".default." in n for n in reg)
+
+
+def lora_two_adapters():
+    """Task A trained adapter 'default'; task B adds 'task_b' and trains it ('default' frozen)."""
+    peft, model, config = lora_model()
+    reg = mas_optim.init_reg_params(model)
+    batches = [torch.randn(5, 4)]
+    mas_optim.consolidate_reg_params(reg, model, mas_optim.compute_omega(model, batches))
+    model.add_adapter("task_b", config)
+    model.base_model.set_adapter(["default", "task_b"])
+    for n, p in model.named_parameters():
+        p.requires_grad_(".task_b." in n)
+    return model, reg, batches
+
+
+def test_consolidate_keeps_the_entries_of_a_frozen_adapter():
+    model, reg, batches = lora_two_adapters()
+    before = {n: {k: t.clone() for k, t in e.items()} for n, e in reg.items()}
+    reg.update(mas_optim.init_reg_params(model))        # the new adapter joins
+    omega = mas_optim.compute_omega(model, batches)     # Ω of the trainable adapter only
+    assert not any(".default." in n for n in omega)
+    mas_optim.consolidate_reg_params(reg, model, omega)
+    for n, entry in before.items():
+        assert all(torch.equal(reg[n][k], entry[k]) for k in entry), n
+    task_b = [n for n in reg if ".task_b." in n]
+    assert task_b and all(torch.equal(reg[n]["omega"], omega[n]) for n in task_b)
+
+
+def test_a_trainable_parameter_without_omega_is_still_an_error():
+    model, reg, batches = lora_two_adapters()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with pytest.raises(KeyError, match="omega has no entry"):
+        mas_optim.consolidate_reg_params(reg, model, {})
+
+
+def test_load_reg_params_accepts_entries_of_a_frozen_adapter(tmp_path):
+    model, reg, _ = lora_two_adapters()
+    mas_optim.save_reg_params(reg, tmp_path / "reg_params.pickle")
+    loaded = mas_optim.load_reg_params(tmp_path / "reg_params.pickle", model=model)
+    assert set(loaded) == set(reg) and all(".default." in n for n in loaded)
+    assert all(torch.equal(loaded[n]["omega"], reg[n]["omega"]) for n in reg)
+
+
+def test_an_adapter_name_mismatch_is_named(tmp_path):
+    _, model_a, _ = lora_model("default")
+    _, model_b, _ = lora_model("task_b")
+    reg = mas_optim.init_reg_params(model_a)
+    mas_optim.save_reg_params(reg, tmp_path / "reg_params.pickle")
+    message = r"differ only by adapter name: 'default' in reg_params, 'task_b' in the parameters"
+    with pytest.raises(RegParamsError, match=message):
+        mas_optim.load_reg_params(tmp_path / "reg_params.pickle", model=model_b)
+    with pytest.raises(KeyError, match=message):
+        mas_optim.consolidate_reg_params(reg, model_b, {})
+
+
+@pytest.mark.parametrize("expected, found, message", [
+    (["module.0.weight", "module.0.bias"], ["0.weight", "0.bias"],
+     r"differ by a prefix: reg_params' carry 'module\.'"),
+    (["0.weight"], ["_orig_mod.0.weight"], r"differ by a prefix: the parameters' carry '_orig_mod\.'"),
+    (["a.0.weight"], ["a.1.weight"], r"no name matches: e\.g\. 'a\.0\.weight' vs 'a\.1\.weight'"),
+])
+def test_explain_name_mismatch_names_a_wrapper_prefix_or_gives_examples(expected, found, message):
+    import re
+    assert re.search(message, mas_optim.reg_params.explain_name_mismatch(expected, found))

@@ -9,8 +9,12 @@ sums before the absolute value) is a different quantity. The original code took 
 get it; here one batched forward and backward gives it exactly (:mod:`.per_sample`):
 
 * a module with a rule (:mod:`.rules`: :mod:`.linear`, :mod:`.conv`, :mod:`.norm`,
-  :mod:`.embedding`, :mod:`.rnn`) forms its per-sample gradients from its input and output
-  gradient, without a per-sample forward or backward;
+  :mod:`.embedding`, :mod:`.rnn`, :mod:`.hf_conv1d`) forms its per-sample gradients from its
+  input and output gradient, without a per-sample forward or backward;
+* a weight tied between modules (an embedding reused as the output layer) gets the sum of
+  those modules' per-sample vector-Jacobian products, and a module whose output every sample
+  shares (position embeddings of a ``(1, T)`` index) gets its output expanded to the batch in
+  a second forward, which makes its output gradient per sample (:mod:`.per_sample`);
 * any other parameter gets its per-sample gradients from ``torch.func`` (:mod:`.functional`):
   the vector-Jacobian product of the one module that holds it (e.g. ``nn.MultiheadAttention``),
   or of the whole network when no module can be proven to see one sample per row;
@@ -21,6 +25,7 @@ The model runs in eval mode (BatchNorm uses its running statistics, dropout is o
 is processed exactly as its samples would be one by one.
 """
 
-from .engine import all_reduce_sums, compute_omega, omega_sums
+from .engine import all_reduce_sums, omega_sums
+from .omega import compute_omega
 
 __all__ = ["all_reduce_sums", "compute_omega", "omega_sums"]

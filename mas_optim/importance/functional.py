@@ -18,7 +18,7 @@ module type.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,13 +33,23 @@ class Functional:
     """Runs the torch.func path; remembers (for one compute_omega call) modules vmap failed on."""
 
     def __init__(self) -> None:
-        self.loop_only: Set[int] = set()
+        self.loop_only: Set[Tuple[int, ...]] = set()
 
-    def add_abs_sums(self, what: nn.Module, fn: SampleFn, params: Dict[str, Tensor],
+    def add_abs_sums(self, modules: List[nn.Module], fn: SampleFn, params: Dict[str, Tensor],
                      leaves: List[Any], dims: List[Optional[int]], n: int,
                      acc: Dict[str, Tensor]) -> None:
-        """acc[name] += Σ_k |∂fn(params; sample k)/∂params[name]| over the n samples in leaves."""
+        """acc[name] += Σ_k |∂fn(params; sample k)/∂params[name]| over the n samples in leaves;
+        ``modules`` are the modules fn runs (named in the warning if vmap cannot run them)."""
         leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
+        # torch.func.grad differentiates fn's own inputs whatever the outer mode; no_grad keeps
+        # the model's other (live) parameters from recording a graph into the sums
+        with torch.no_grad():
+            self._add_abs_sums(modules, fn, params, leaves, dims, n, acc)
+
+    def _add_abs_sums(self, modules: List[nn.Module], fn: SampleFn, params: Dict[str, Tensor],
+                      leaves: List[Any], dims: List[Optional[int]], n: int,
+                      acc: Dict[str, Tensor]) -> None:
+        key = tuple(id(m) for m in modules)
 
         def one(p: Dict[str, Tensor], *sample: Any) -> Tensor:
             return fn(p, [t.unsqueeze(d) if d is not None else t for t, d in zip(sample, dims)])
@@ -47,20 +57,21 @@ class Functional:
         grad = torch.func.grad(one)
         step = chunk_size(sum(p.numel() for p in params.values()))
         start = 0
-        if id(what) not in self.loop_only:
+        if key not in self.loop_only:
             vmapped = torch.func.vmap(grad, in_dims=(None, *dims))
             try:
-                with _ModuleStack(what) as stack:
+                with _ModuleStack(modules) as stack:
                     self._add(acc, vmapped(params, *_narrow(leaves, dims, 0, min(step, n))))
                 start = step
             except Exception as e:  # any operator vmap cannot batch: fall back, say so once
-                self.loop_only.add(id(what))
-                culprit = stack.innermost() or what
+                self.loop_only.add(key)
+                what = " + ".join(type(m).__name__ for m in modules)
+                culprit = type(stack.innermost() or modules[0]).__name__
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 first = first.split(". ")[0][:160]  # the reason, not torch's advice
                 warnings.warn(f"compute_omega: torch.func.vmap cannot run "
-                              f"{type(culprit).__name__} ({first}); the per-sample gradients "
-                              f"through {type(what).__name__} are computed one sample at a time",
+                              f"{culprit} ({first}); the per-sample gradients "
+                              f"through {what} are computed one sample at a time",
                               RuntimeWarning, stacklevel=2)
             else:
                 for s in range(start, n, step):
@@ -83,11 +94,11 @@ def _narrow(leaves: List[Any], dims: List[Optional[int]], start: int, length: in
 class _ModuleStack:
     """Which module was running when an exception left it (hooks that pop only on success)."""
 
-    def __init__(self, root: nn.Module) -> None:
-        self.root, self.stack, self.handles = root, [], []
+    def __init__(self, roots: List[nn.Module]) -> None:
+        self.roots, self.stack, self.handles = roots, [], []
 
     def __enter__(self) -> "_ModuleStack":
-        for m in self.root.modules():
+        for m in {m: None for root in self.roots for m in root.modules()}:
             self.handles.append(m.register_forward_pre_hook(self._enter))
             self.handles.append(m.register_forward_hook(self._leave))
         return self

@@ -25,14 +25,22 @@ the batch size on dim 0 too); it is proven from the data flow:
    (tied weights, a layer called twice, a parameter used in a parent's ``forward``, a module
    without a rule) gets the module's vector-Jacobian product by ``torch.func`` (only that module
    reruns); with no proven module at all, the whole network per sample by ``torch.func``.
+   Two exceptions before that last resort: a parameter whose every use lies in a proven module
+   holding it, several such modules none inside another (tied weights), gets the sum of their
+   vector-Jacobian products at sample k (*tied*); a parameter of a module whose inputs and
+   outputs are the same for every sample, the outputs with a leading dimension of 1 that
+   broadcasts over the batch (position embeddings), gets that module's vector-Jacobian product
+   with the output gradient of a second forward in which the output is expanded to the batch,
+   accepted only if F comes out the same (*expanded*).
 
 **Proven once per signature.** The probe costs a second forward, as much as the rules on a small
 network, so within one :func:`~mas_optim.importance.compute_omega` call its result (which
 modules are proven, and their sample dimensions) is kept per *signature* of a batch and reused
 for every later batch with the same one; a new signature is proven anew. The signature is what
 decides the layout for code whose control flow depends on shapes only: the batch's structure
-and every tensor's shape, dtype and device (and every non-tensor value in it), every module
-call with the shapes, dtypes and devices of its inputs and outputs (and non-tensor values), and
+and every tensor's shape, dtype and device (and every non-tensor value in it, by its type where
+it compares by identity), every module call with the shapes, dtypes and devices of its inputs
+and outputs (and non-tensor values), and
 the modules running at each use of each parameter. A batch with another size or sequence
 length, a module that did not run or ran twice, a parameter used elsewhere: each is a new
 signature (a batch with a value that cannot be hashed is proven on its own). The limit: control
@@ -138,7 +146,14 @@ def signature(batch: Any, calls: Dict[nn.Module, List[Call]],
 
 def _layout(leaves: List[Any]) -> tuple:
     return tuple((t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, Tensor)
-                 else (type(t), t) for t in leaves)
+                 else (type(t), _value(t)) for t in leaves)
+
+
+def _value(t: Any) -> Any:
+    # An object compared by identity (a fresh key-value cache per forward, as Hugging Face
+    # models return) has no value to compare: its type stands for it, so that later batches
+    # reuse the proof instead of each being a new signature.
+    return None if type(t).__eq__ is object.__eq__ else t
 
 
 class _Uses(TorchFunctionMode):
@@ -222,7 +237,7 @@ class PerSampleEngine:
                         if any(id(p) in self.ids for p in m.parameters())}
         self.functional = Functional()
         # signature -> {module: (input dims, output dims)} of its proven modules (see above)
-        self.proofs: Dict[Hashable, Dict[nn.Module, Tuple[List, List]]] = {}
+        self.proofs: Dict[Hashable, Dict[nn.Module, Tuple[List, List, bool]]] = {}
 
     def accumulate(self, batch: Any, n: int, sums: Dict[str, Tensor]) -> None:
         rec = _Recorder(self.model, keep_grads=self.holders)
@@ -233,9 +248,9 @@ class PerSampleEngine:
                     outputs = self.forward(batch)
                 rec.remove()
                 loss = squared_norm(outputs)
-                proven = self._prove(rec, uses_mode.uses, batch, outputs, n)
-                plan, rest = self._assign(uses_mode.uses, proven, rec)
-                self._backward(loss, plan, rec, rest)
+                proven, shared = self._prove(rec, uses_mode.uses, batch, outputs, n)
+                plan, tied, expand, rest = self._assign(uses_mode.uses, proven, shared, rec)
+                self._backward(loss, plan, tied, rec, rest)
         finally:
             rec.remove()
         for m, (call, fast, local) in plan.items():
@@ -245,32 +260,42 @@ class PerSampleEngine:
                 with torch.no_grad():
                     rule_for(m).apply(m, call, {attr: sums[name] for attr, name in fast.items()})
             if local:
-                self._local(m, call, local, sums)
+                self._vjp([(m, call, local)], sums)
+        for owners, names in tied.items():
+            self._vjp([(m, plan[m][0], {rel: name for rel, name in self._rels(m, names)})
+                       for m in owners], sums)
+        if expand:
+            rest += self._expanded(batch, n, expand, [o.detach() for o in outputs], sums)
         if rest:
             self._whole(batch, n, rest, sums)
 
     # -- 1. which modules are proven, and their sample dimensions
     def _prove(self, rec: _Recorder, uses: Dict[str, Set[tuple]], batch: Any,
-               outputs: List[Tensor], n: int) -> Dict[nn.Module, Call]:
+               outputs: List[Tensor], n: int) -> Tuple[Dict[nn.Module, Call], Set[nn.Module]]:
         key = signature(batch, rec.calls, uses)
         dims = self.proofs.get(key) if key is not None else None
         if dims is None:
             dims = self._probe(rec, batch, outputs, n)
             if key is not None:
                 self.proofs[key] = dims
-        proven = {}
-        for m, (in_dims, out_dims) in dims.items():
+        proven, shared = {}, set()
+        for m, (in_dims, out_dims, is_shared) in dims.items():
+            if is_shared:
+                shared.add(m)
+                continue
             call = rec.calls[m][0]
             if any(isinstance(t, Tensor) and t._version != v
                    for t, v in zip(call.in_leaves, call.in_versions)):
                 continue  # an input changed in place after the call: not what the module saw
             call.in_dims, call.out_dims = list(in_dims), list(out_dims)
             proven[m] = call
-        return proven
+        return proven, shared
 
     def _probe(self, rec: _Recorder, batch: Any, outputs: List[Tensor], n: int
-               ) -> Dict[nn.Module, Tuple[List, List]]:
-        """Runs the probe batch; {module: (input dims, output dims)} of the modules it proves."""
+               ) -> Dict[nn.Module, Tuple[List, List, bool]]:
+        """Runs the probe batch; {module: (input dims, output dims, shared)} of the modules it
+        proves (shared: no input or output has a sample dimension, and the outputs that need a
+        gradient have a leading dimension of size 1, which broadcasts over the samples)."""
         rows = probe_rows(n)
         probe = _Recorder(self.model, keep_grads=set())
         try:
@@ -298,25 +323,45 @@ class PerSampleEngine:
             outs = [sample_dim(a, b, n, rows) for a, b in zip(call.out_leaves, other.out_leaves)]
             if not all(ok for ok, _ in ins + outs):
                 continue
-            if any(isinstance(t, Tensor) and t.requires_grad and d is None
-                   for t, (_, d) in zip(call.out_leaves, outs)):
-                continue  # an output every sample shares: its gradient cannot be split
-            proven[m] = ([d for _, d in ins], [d for _, d in outs])
+            shared = [t for t, (_, d) in zip(call.out_leaves, outs)
+                      if isinstance(t, Tensor) and t.requires_grad and d is None]
+            in_dims, out_dims = [d for _, d in ins], [d for _, d in outs]
+            if not shared:
+                proven[m] = (in_dims, out_dims, False)
+            elif (all(d is None for d in in_dims + out_dims)
+                  and all(t.dim() > 0 and t.shape[0] == 1 for t in shared)):
+                # the same output for every sample, e.g. position embeddings of (1, T)
+                # positions: its gradient is summed over the samples it broadcasts to
+                # (see _expanded)
+                proven[m] = (in_dims, out_dims, True)
         return proven
 
     # -- 2. which parameter goes where
     def _assign(self, uses: Dict[str, Set[tuple]], proven: Dict[nn.Module, Call],
-                rec: _Recorder) -> Tuple[dict, List[str]]:
+                shared: Set[nn.Module], rec: _Recorder) -> Tuple[dict, dict, dict, List[str]]:
         plan: Dict[nn.Module, Tuple[Call, Dict[str, str], Dict[str, str]]] = {}
+        tied: Dict[Tuple[nn.Module, ...], List[str]] = {}
+        expand: Dict[nn.Module, Dict[str, str]] = {}
         rest: List[str] = []
         self.unseen = [n for n in self.params if n not in uses]
         for name, stacks in uses.items():
             p = self.params[name]
             first = next(iter(stacks))
             common = [m for m in first if all(m in s for s in stacks)]
-            owner = next((m for m in reversed(common) if m in proven), None)
+            owner = next((m for m in reversed(common) if m in proven or m in shared), None)
+            if owner in shared:
+                rel = next(r for r, q in owner.named_parameters(remove_duplicate=False)
+                           if q is p)
+                expand.setdefault(owner, {})[rel] = name
+                continue
             if owner is None:
-                rest.append(name)
+                owners = self._tied_owners(p, stacks, proven)
+                if owners is None:
+                    rest.append(name)
+                else:
+                    tied.setdefault(owners, []).append(name)
+                    for m in owners:
+                        plan.setdefault(m, (proven[m], {}, {}))
                 continue
             call = proven[owner]
             entry = plan.setdefault(owner, (call, {}, {}))
@@ -330,10 +375,39 @@ class PerSampleEngine:
                 entry[2][rel] = name
         for _, (call, _, _) in plan.items():
             rec.wanted.add(id(call))
-        return plan, rest
+        return plan, tied, expand, rest
+
+    def _tied_owners(self, p: Tensor, stacks: Set[tuple], proven: Dict[nn.Module, Call]
+                     ) -> Optional[Tuple[nn.Module, ...]]:
+        """For a parameter used by several modules (tied weights, e.g. GPT-2's token embedding
+        and output layer): the innermost proven module holding it at each use, when every use
+        has one and none of them runs inside another. Sample k's gradient is then the sum of
+        their vector-Jacobian products at sample k (summed before the absolute value)."""
+        at_use = []
+        for stack in stacks:
+            owner = next((m for m in reversed(stack) if m in proven
+                          and any(q is p for q in m.parameters())), None)
+            if owner is None:
+                return None
+            at_use.append((owner, stack))
+        owners = tuple(dict.fromkeys(o for o, _ in at_use))
+        if any(other in stack for o, stack in at_use for other in owners if other is not o):
+            return None  # one owner runs inside another: its part would be counted twice
+        return owners
+
+    def _rels(self, m: nn.Module, names: List[str]) -> List[Tuple[str, str]]:
+        """(name within m, model-level name) of the given parameters that m holds."""
+        ps = {id(self.params[n]): n for n in names}
+        return [(rel, ps[id(q)]) for rel, q in m.named_parameters(remove_duplicate=False)
+                if id(q) in ps]
 
     # -- 3. one backward: every planned module's output gradient
-    def _backward(self, loss: Tensor, plan: dict, rec: _Recorder, rest: List[str]) -> None:
+    def _backward(self, loss: Tensor, plan: dict, tied: dict, rec: _Recorder,
+                  rest: List[str]) -> None:
+        tied_of: Dict[nn.Module, List[str]] = {}
+        for owners, names in tied.items():
+            for m in owners:
+                tied_of.setdefault(m, []).extend(names)
         targets: List[Tensor] = []
         slots: List[Tuple[Optional[Call], int]] = []
         for m, (call, fast, local) in plan.items():
@@ -348,7 +422,8 @@ class PerSampleEngine:
             if mutated:
                 # make sure the backward passes through this module (nothing below it may need a
                 # gradient): ask for the smallest parameter it uses
-                p = min((self.params[n] for n in (*fast.values(), *local.values())),
+                p = min((self.params[n] for n in (*fast.values(), *local.values(),
+                                                  *tied_of.get(m, ()))),
                         key=lambda q: q.numel())
                 targets.append(p)
                 slots.append((None, 0))
@@ -365,23 +440,81 @@ class PerSampleEngine:
                 rest.append(self.ids[id(t)])
 
     # -- 4. the torch.func paths
-    def _local(self, m: nn.Module, call: Call, names: Dict[str, str],
-               sums: Dict[str, Tensor]) -> None:
-        keep = [i for i, g in enumerate(call.grads) if g is not None]
-        n_in = len(call.in_leaves)
-        _, in_spec = tree_flatten((call.args, call.kwargs))
+    def _vjp(self, parts: List[Tuple[nn.Module, Call, Dict[str, str]]],
+             sums: Dict[str, Tensor]) -> None:
+        """Σ_k |per-sample gradient| of the named parameters from the vector-Jacobian products
+        of the given module calls at sample k, summed over the calls (one call, or the owners
+        of a tied parameter); ``names`` maps a name within the module to the model's name."""
+        pieces, leaves, dims = [], [], []
+        for m, call, names in parts:
+            keep = [i for i, g in enumerate(call.grads) if g is not None]
+            if not keep:
+                continue  # this call's output does not reach F
+            _, in_spec = tree_flatten((call.args, call.kwargs))
+            size = len(call.in_leaves) + len(keep)
+            pieces.append((m, names, keep, len(call.in_leaves), in_spec, size))
+            leaves += call.in_leaves + [call.grads[i] for i in keep]
+            dims += call.in_dims + [call.out_dims[i] for i in keep]
+        if not pieces:
+            return
 
-        def vjp(params: Dict[str, Tensor], leaves: List[Any]) -> Tensor:
-            args, kwargs = tree_unflatten(leaves[:n_in], in_spec)
-            outs = tree_leaves(torch.func.functional_call(m, params, args, kwargs))
-            return sum((outs[i] * g).sum() for i, g in zip(keep, leaves[n_in:]))
+        def vjp(params: Dict[str, Tensor], sample: List[Any]) -> Tensor:
+            total, start = 0, 0
+            for m, names, keep, n_in, in_spec, size in pieces:
+                mine = sample[start:start + size]
+                start += size
+                args, kwargs = tree_unflatten(mine[:n_in], in_spec)
+                outs = tree_leaves(torch.func.functional_call(
+                    m, {rel: params[name] for rel, name in names.items()}, args, kwargs))
+                total = total + sum((outs[i] * g).sum() for i, g in zip(keep, mine[n_in:]))
+            return total
 
-        leaves = call.in_leaves + [call.grads[i] for i in keep]
-        dims = call.in_dims + [call.out_dims[i] for i in keep]
         n = next(t.shape[d] for t, d in zip(leaves, dims) if d is not None)
-        params = {rel: self.params[name].detach() for rel, name in names.items()}
-        acc = {rel: sums[name] for rel, name in names.items()}
-        self.functional.add_abs_sums(m, vjp, params, leaves, dims, n, acc)
+        wanted = {name for _, names, *_ in pieces for name in names.values()}
+        params = {name: self.params[name].detach() for name in wanted}
+        acc = {name: sums[name] for name in wanted}
+        self.functional.add_abs_sums([m for m, *_ in pieces], vjp, params, leaves, dims, n, acc)
+
+    def _expanded(self, batch: Any, n: int, expand: Dict[nn.Module, Dict[str, str]],
+                  outputs: List[Tensor], sums: Dict[str, Tensor]) -> List[str]:
+        """Parameters of modules whose output every sample shares (position embeddings of
+        (1, T) positions): the forward runs again with each such output expanded to the n
+        samples it broadcasts to, which computes F unchanged (checked) and makes the output
+        gradient per sample; then each module's vector-Jacobian product at sample k. Returns the
+        names left to the whole-network path (F changed, or a module ran other than once)."""
+        calls: Dict[nn.Module, List[Call]] = {}
+
+        def widen(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            leaves, spec = tree_flatten(out)
+            wide = [t.expand(n, *t.shape[1:]) if isinstance(t, Tensor) and t.requires_grad
+                    and t.dim() > 0 and t.shape[0] == 1 else t for t in leaves]
+            ins = tree_leaves((args, kwargs))
+            calls.setdefault(m, []).append(Call(
+                args, kwargs, ins, wide, spec, in_dims=[None] * len(ins),
+                out_dims=[0 if w is not t else None for w, t in zip(wide, leaves)],
+                grads=[None] * len(wide)))
+            return tree_unflatten(wide, spec)
+
+        handles = [m.register_forward_hook(widen, with_kwargs=True) for m in expand]
+        try:
+            with torch.enable_grad():
+                again = self.forward(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        names = [name for rels in expand.values() for name in rels.values()]
+        if (any(len(calls.get(m, [])) != 1 for m in expand) or len(again) != len(outputs)
+                or not all(a.shape == o.shape and _close(o, a) for a, o in zip(again, outputs))):
+            return names
+        targets = [(c, i) for m in expand for c in calls[m] for i, d in enumerate(c.out_dims)
+                   if d == 0]
+        grads = torch.autograd.grad(squared_norm(again), [c.out_leaves[i] for c, i in targets],
+                                    allow_unused=True)
+        for (c, i), g in zip(targets, grads):
+            c.grads[i] = None if g is None else g.detach()
+        for m, rels in expand.items():
+            self._vjp([(m, calls[m][0], rels)], sums)
+        return []
 
     def _whole(self, batch: Any, n: int, names: List[str], sums: Dict[str, Tensor]) -> None:
         leaves, spec = tree_flatten(batch)
@@ -393,8 +526,8 @@ class PerSampleEngine:
 
         params = {"model." + name: self.params[name].detach() for name in names}
         acc = {"model." + name: sums[name] for name in names}
-        self.functional.add_abs_sums(self.model, loss, params, leaves, sample_dims(batch, n), n,
-                                     acc)
+        self.functional.add_abs_sums([self.model], loss, params, leaves, sample_dims(batch, n),
+                                     n, acc)
 
 
 class _Network(nn.Module):
