@@ -30,10 +30,8 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 
-from .importance import compute_omega
-from .local_sgd import LocalSgd
-from .penalty import MasPenalty, add_mas_penalty
-from .reg_params import RegParams, consolidate_reg_params, parse_accumulate
+from .integrations.tasks import MasTasks
+from .reg_params import RegParams
 
 __all__ = ["MasPlugin"]
 
@@ -44,37 +42,43 @@ class MasPlugin(SupervisedPlugin):
     Args:
         reg_lambda: λ of Eq. 3 when the strategy's optimizer is not a ``LocalSgd`` (LocalSgd
             uses its own ``reg_lambda``).
-        accumulate: ``"sum"`` (the paper) or α in [0, 1], see :func:`parse_accumulate`.
+        accumulate: ``"sum"`` (the paper) or α in [0, 1], see
+            :func:`mas_optim.reg_params.parse_accumulate`.
         batch_size: batch size of the importance pass.
         omega_kwargs: further keyword arguments of :func:`mas_optim.compute_omega`
             (``per_sample``, ``method``).
+
+    Attributes:
+        mas: the :class:`~mas_optim.integrations.tasks.MasTasks` that keeps reg_params and
+            puts the penalty on the strategy's optimizer (shared with the other frameworks'
+            adapters); ``reg_params`` and ``reg_lambda`` are its.
     """
 
     def __init__(self, reg_lambda: Optional[float] = None, *,
                  accumulate: Union[str, float] = "sum", batch_size: int = 64,
                  omega_kwargs: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
-        self.reg_lambda = reg_lambda
-        self.accumulate = parse_accumulate(accumulate)
+        self.mas = MasTasks(reg_lambda, accumulate=accumulate, omega_kwargs=omega_kwargs)
         self.batch_size = batch_size
-        self.omega_kwargs = dict(omega_kwargs or {})
-        self.reg_params: RegParams = {}
-        self._penalty: Optional[MasPenalty] = None
 
-    def __getstate__(self) -> Dict[str, Any]:
-        # torch drops optimizer hooks when pickling; the penalty is re-attached on resume.
-        return {k: v for k, v in self.__dict__.items() if k != "_penalty"}
+    @property
+    def reg_params(self) -> RegParams:
+        return self.mas.reg_params
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._penalty = None
+    @property
+    def reg_lambda(self) -> Optional[float]:
+        return self.mas.reg_lambda
+
+    @reg_lambda.setter
+    def reg_lambda(self, value: Optional[float]) -> None:
+        self.mas.reg_lambda = value
 
     def before_training_exp(self, strategy, *args, **kwargs) -> None:
         # After a checkpoint is loaded or the optimizer is replaced, the hook must be attached
         # again (torch does not pickle optimizer hooks).
         if self.reg_params:
             self._follow_growth(strategy.model)
-            self._hand_over(strategy)
+            self.mas.attach(strategy.optimizer, strategy.model)
 
     @torch.no_grad()
     def _follow_growth(self, model: nn.Module) -> None:
@@ -96,42 +100,15 @@ class MasPlugin(SupervisedPlugin):
             init[:old[0]] = entry["init_val"]
             entry["omega"], entry["init_val"] = omega, init
 
-    @torch.no_grad()
     def after_training_exp(self, strategy, *args, **kwargs) -> None:
-        model = strategy.model
-        omega = self._omega(strategy)
-        for name, p in model.named_parameters():
-            if p.requires_grad and name not in self.reg_params:  # e.g. a head added since
-                self.reg_params[name] = {
-                    "omega": torch.zeros_like(p, memory_format=torch.contiguous_format),
-                    "init_val": p.detach().clone(memory_format=torch.contiguous_format)}
-        consolidate_reg_params(self.reg_params, model, omega, accumulate=self.accumulate)
-        self._hand_over(strategy)
-
-    def _omega(self, strategy) -> Dict[str, Tensor]:
         loader = torch.utils.data.DataLoader(strategy.experience.dataset,
                                              batch_size=self.batch_size, shuffle=False)
-        kwargs = dict(self.omega_kwargs)
-        if isinstance(strategy.model, MultiTaskModule):
-            # each sample through its own task's head: F of the task it was trained on
-            kwargs.setdefault("forward_fn", _with_task_labels)
-        return compute_omega(strategy.model, _on(loader, strategy.device), **kwargs)
-
-    def _hand_over(self, strategy) -> None:
-        opt = strategy.optimizer
-        if isinstance(opt, LocalSgd):
-            opt.reg_params = self.reg_params
-            return
-        if self.reg_lambda is None:
-            raise ValueError(f"MasPlugin(reg_lambda=...) is needed for {type(opt).__name__} "
-                             "(LocalSgd takes its own reg_lambda)")
-        attached = (self._penalty is not None and self._penalty.optimizer is opt
-                    and self._penalty.attached)
-        if attached:
-            self._penalty.reg_params = self.reg_params
-        else:
-            self._penalty = add_mas_penalty(opt, self.reg_params, self.reg_lambda,
-                                            model=strategy.model)
+        # a MultiTaskModule: each sample through its own task's head, F of the task it learnt
+        task_labels = ({"forward_fn": _with_task_labels}
+                       if isinstance(strategy.model, MultiTaskModule)
+                       and "forward_fn" not in self.mas.omega_kwargs else {})
+        self.mas.learn(strategy.model, _on(loader, strategy.device), **task_labels)
+        self.mas.attach(strategy.optimizer, strategy.model)
 
 
 def _with_task_labels(model: MultiTaskModule, batch) -> Tensor:

@@ -37,8 +37,6 @@ def assert_differ(a, b):
 # ---------------------------------------------------------------------- Hugging Face Trainer
 
 def hf_run(model, mas, out, resume=None):
-    from mas_optim.integrations.hf import MasCallback  # noqa: F401 (the callback's module)
-
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
         report_to=[], save_strategy="steps", save_steps=2, logging_strategy="no",
@@ -48,13 +46,13 @@ def hf_run(model, mas, out, resume=None):
     return weights(model)
 
 
-def hf_after_task_0(reg_lambda):
+def hf_after_task_0(reg_lambda, out):
     from mas_optim.integrations.hf import MasCallback
 
     model = gpt2()
     mas = MasCallback(reg_lambda=reg_lambda)
     args = transformers.TrainingArguments(
-        output_dir="unused", per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
+        output_dir=str(out), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
         report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
         use_cpu=True, seed=0)
     transformers.Trainer(model=model, args=args, train_dataset=Task(0), callbacks=[mas]).train()
@@ -64,12 +62,12 @@ def hf_after_task_0(reg_lambda):
 def test_hf_trainer_resume_from_checkpoint_with_the_callback_is_bit_identical(tmp_path):
     from mas_optim.integrations.hf import MasCallback
 
-    model, mas = hf_after_task_0(1e3)
+    model, mas = hf_after_task_0(1e3, tmp_path / "task0")
     want = hf_run(model, mas, tmp_path / "run")
     fresh = MasCallback(reg_lambda=1e3)  # a new process: no reg_params in memory
     got = hf_run(gpt2(seed=5), fresh, tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-2"))
     assert_same(got, want)
-    free_model, free = hf_after_task_0(0.0)
+    free_model, free = hf_after_task_0(0.0, tmp_path / "task0")
     assert_differ(hf_run(free_model, free, tmp_path / "free"), want)
 
 

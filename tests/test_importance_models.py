@@ -295,3 +295,30 @@ def test_compiled_model_gives_the_original_modules_omega_under_its_own_names():
     want = reference_omega(model, batches)
     assert set(got) == {"_orig_mod." + n for n in want}
     assert_close({n[len("_orig_mod."):]: t for n, t in got.items()}, want)
+
+
+class SharedPositions(nn.Module):
+    """Position embeddings of a (1, T) index, shared by every sample; ``reduce`` sums their
+    leading dimension instead of broadcasting it, so expanding it to the batch would change F."""
+
+    def __init__(self, reduce):
+        super().__init__()
+        self.reduce = reduce
+        self.tok = nn.Embedding(10, 4)
+        self.pos = nn.Embedding(5, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        pos = self.pos(torch.arange(tokens.shape[1]).unsqueeze(0))    # (1, T, 4)
+        pos = pos.sum(0) if self.reduce else pos
+        return self.out((self.tok(tokens) + pos).tanh()).mean(1)
+
+
+@pytest.mark.parametrize("reduce", [False, True], ids=["broadcast", "reduced"])
+def test_shared_position_embeddings_are_exact_whether_or_not_they_broadcast(reduce):
+    """Broadcast over the batch: the expanded second forward; reduced over their leading
+    dimension: expanding would change F, which the check sees (the whole-network path)."""
+    torch.manual_seed(0)
+    model = SharedPositions(reduce)
+    batches = [tokens((4, 5), vocab=10), tokens((3, 5), vocab=10)]
+    assert_close(compute_omega(model, batches), reference_omega(model, batches))

@@ -54,6 +54,11 @@ class MasTasks:
         self.omega_kwargs = dict(omega_kwargs or {})
         self.penalty: Optional[MasPenalty] = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch drops optimizer hooks when pickling (a framework's checkpoint of the whole
+        # trainer, e.g. Avalanche's): the penalty is attached again at the next task
+        return {**self.__dict__, "penalty": None}
+
     def attach(self, optimizer: Any, model: nn.Module) -> None:
         """The penalty of the tasks learnt so far on ``optimizer`` (again after reg_params
         changed, or on a new optimizer); nothing before the first task is learnt."""
