@@ -171,7 +171,7 @@ def _single_tensor_mas_sgd(p: Tensor, g: Tensor, b: Optional[Tensor], omega: Ten
         _mas_sgd_one(p, g, b, omega, init, coef, **hyper)
         return
     # On the CPU, a large tensor slice by slice, so that every pass after the first reads its
-    # slice from cache (MLP 784-2000-2000-10: 8% less time per training step, docs/speed.md).
+    # slice from cache (MLP 784-2000-2000-10: 5-8% less time per training step, docs/speed.md).
     for p_, g_, b_, o_, c_ in zip(*(t.view(-1).split(_CHUNK) for t in tensors)):
         _mas_sgd_one(p_, g_, b_ if b is not None else None, o_, c_, coef, **hyper)
 

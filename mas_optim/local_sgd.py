@@ -227,7 +227,7 @@ class LocalSgd(torch.optim.SGD):
             self._warned_unstable = True
             warnings.warn(f"LocalSgd: 2·lr·λ·max Ω = {2 * lr * lam * top:.3g} > 2, where the "
                           "explicit penalty step diverges (NaN weights); use LocalSgd(..., "
-                          "proximal=True), stable for any λ", RuntimeWarning, stacklevel=4)
+                          "proximal=True), stable for any λ", RuntimeWarning, stacklevel=5)
         for p in params if self.track_path_integral else ():
             _before_path_step(self.state[p], p)
         F.mas_sgd(params, grads, bufs, omegas, inits, reg_lambda=lam, lr=lr,

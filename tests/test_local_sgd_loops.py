@@ -291,7 +291,7 @@ def test_the_gradient_is_the_task_gradient_after_a_step(impl):
             assert torch.equal(p.grad, g)
 
 
-def test_fused_off_the_cpu_kernel_says_why(monkeypatch):
+def test_without_the_c_kernel_the_default_is_single_tensor_and_says_why(monkeypatch):
     """Without a C compiler the default is the single-tensor step, and implementation() says
     why; asking for fused=True then warns once."""
     from mas_optim import _kernels
