@@ -34,7 +34,8 @@ from utils import AppError
 from utils.checkpoint import (CHECKPOINT, PLOT, REG_PARAMS, RESULTS, SHARED, CrashTest, RunDir,
                               RunState)
 from utils.config import FOLDERS, Config, build_parser
-from utils.data import Task, image_folder_tasks, permuted_digits, split_digits, split_mnist
+from utils.data import Task, permuted_digits, split_digits, split_mnist
+from utils.folders import image_folder_tasks
 from utils.distributed import Dist, is_everywhere
 from utils.evaluate import report
 from utils.trainer import Trainer, log

@@ -11,8 +11,8 @@ from PIL import Image
 
 from data_fixtures import write_png_tasks
 from utils import AppError
-from utils.data import (IMAGENET_MEAN, IMAGENET_STD, Preprocessing, image_folder_tasks,
-                        make_loader)
+from utils.data import make_loader
+from utils.folders import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, image_folder_tasks
 
 
 def _pixels(path, mode: str) -> np.ndarray:

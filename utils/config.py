@@ -16,7 +16,8 @@ from typing import Any, Callable
 from mas_optim.reg_params import parse_accumulate
 from model_class import ARCHS
 from utils import AppError
-from utils.data import AUGMENTS, BENCHMARKS, DEFAULT_CACHE_MB, NORMALIZATIONS
+from utils.data import BENCHMARKS
+from utils.folders import AUGMENTS, DEFAULT_CACHE_MB, NORMALIZATIONS
 from utils.methods import METHODS
 
 LR_STEP_EPOCHS = 20  # the original decays the learning rate x0.1 every 20 epochs
@@ -164,7 +165,7 @@ class Config:
         "sum", "how Omega of a new task joins the old: 'sum' (the paper) or alpha in [0,1] for "
         "a running average", parse=_accumulate)
     seed: int = _flag(0, "seed for initialisation and data order", parse=int)
-    # not a flag: how --data_dir images become inputs (utils.data.Preprocessing.to_dict(), with
+    # not a flag: how --data_dir images become inputs (utils.folders.Preprocessing.to_dict(), with
     # the normalisation statistics of the first task), fixed when the run starts
     preprocessing: dict[str, Any] | None = field(default=None, metadata=dict(stored=True))
     output_dir: str = _flag(
