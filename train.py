@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -84,13 +85,11 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
     return trainer, state or trainer.new_state(), state is not None
 
 
-def run(given: dict[str, Any], dist: Dist) -> int:
+def run(given: dict[str, Any], run_dir: RunDir, dist: Dist) -> int:
     """The whole run. Under torchrun (``dist.active``) every rank runs this: every rank checks
     the flags and reads the same committed files (nothing is written before all of them agree
     that everything is valid), only rank 0 writes and prints, and an error on any rank stops
     every rank at the next ``error_barrier`` with that one line and exit 2."""
-    defaults = Config()
-    run_dir = RunDir(Path(given.get("output_dir", defaults.output_dir)), CrashTest.from_env())
     device = dist.start(given.get("use_gpu", False))  # under torchrun: join the process group
     with dist.error_barrier():  # every rank: check flags, files and data; write nothing
         trainer, state, resumed = start(given, run_dir, device, dist)
@@ -124,6 +123,24 @@ def run(given: dict[str, Any], dist: Dist) -> int:
     return 0
 
 
+def interrupted(given: dict[str, Any], run_dir: RunDir, dist: Dist) -> str:
+    """The line after Ctrl-C: the exact command that continues the run, or, before the run's
+    first commit, that there is nothing to resume."""
+    if not run_dir.committed:
+        return ("interrupted before the run's first checkpoint: nothing to resume; run the same "
+                "command again")
+    # flags that are not stored with the run must be given again; the stored ones come from it
+    again = {k: v for k, v in given.items()
+             if k not in Config.stored_names() and k not in ("resume", "overwrite", "output_dir")}
+    args = ["--resume", "--output_dir", str(run_dir.root)]
+    for name, value in again.items():
+        args += [f"--{name}"] if value is True else [f"--{name}", f"{value:g}" if isinstance(
+            value, float) else str(value)]
+    start = f"torchrun --nproc_per_node {dist.world} train.py" if dist.active else \
+        "python train.py"
+    return f"interrupted; continue with: {start} {shlex.join(args)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and run; input and file problems -> one line on stderr, exit code 2.
 
@@ -146,8 +163,15 @@ def main(argv: list[str] | None = None) -> int:
                 given = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
             except SystemExit as stop:  # argparse: --help (0) or a bad flag (2, its line printed)
                 return int(stop.code or 0)
+        run_dir = RunDir(Path(given.get("output_dir", Config().output_dir)),
+                         CrashTest.from_env())
         try:
-            return run(given, dist)
+            return run(given, run_dir, dist)
+        except KeyboardInterrupt:  # Ctrl-C: what to do next, not a traceback
+            if dist.is_main:
+                print(f"train.py: {interrupted(given, run_dir, dist)}", file=sys.stderr,
+                      flush=True)
+            return 130
         except AppError as exc:
             if dist.is_main or not is_everywhere(exc):  # an error one rank alone saw: it says so
                 where = "" if dist.is_main else f"(rank {dist.rank}) "
