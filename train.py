@@ -34,9 +34,9 @@ from typing import Any
 from utils import AppError
 from utils.checkpoint import (CHECKPOINT, PLOT, REG_PARAMS, RESULTS, SHARED, CrashTest, RunDir,
                               RunState)
-from utils.config import FOLDERS, Config, build_parser
+from utils.config import FOLDERS, SMALL_IMAGE_ARCH, SMALL_IMAGE_PX, Config, build_parser
 from utils.data import Task, permuted_digits, split_digits, split_mnist
-from utils.folders import image_folder_tasks
+from utils.folders import image_folder_tasks, image_side
 from utils.distributed import Dist, is_everywhere
 from utils.evaluate import report
 from utils.trainer import Trainer, log
@@ -53,6 +53,23 @@ def load_tasks(config: Config) -> list[Task]:
     return split_digits() if config.benchmark == "split-digits" else permuted_digits()
 
 
+def with_default_backbone(given: dict[str, Any]) -> dict[str, Any]:
+    """The flags of a new run, with ``--arch`` chosen for the size of ``--data_dir`` images when
+    it is left out (and --pretrained, which is AlexNet's, too): images under SMALL_IMAGE_PX
+    (--image_size if given, else the images' own larger side) get SMALL_IMAGE_ARCH, said in
+    one line; larger ones keep AlexNet, as in the original."""
+    if given.get("data_dir") is None or given.get("benchmark") is not None \
+            or given.get("arch") or given.get("pretrained"):
+        return given
+    side = given.get("image_size") or image_side(given["data_dir"])
+    if side >= SMALL_IMAGE_PX:
+        return given
+    log(f"note: {side}-px images (under {SMALL_IMAGE_PX}): --arch {SMALL_IMAGE_ARCH} by default, "
+        "which learns such images with these defaults (AlexNet is built for 224-px images and "
+        "writes ~680 MB checkpoints); give --arch to choose")
+    return {**given, "arch": SMALL_IMAGE_ARCH}
+
+
 def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
           ) -> tuple[Trainer, RunState, bool]:
     """Check the flags, the files and the data (every rank; nothing is written): the trainer,
@@ -67,7 +84,7 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
         config = Config.resumed(state.config, given, str(run_dir.path(CHECKPOINT)))
         run_dir.check_saved_files(state)
     else:
-        config = Config.from_flags(given)
+        config = Config.from_flags(with_default_backbone(given))
         if run_dir.path(CHECKPOINT).exists() and not config.overwrite:
             raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume to "
                            "continue it, --overwrite to start over, or pick another --output_dir")
