@@ -24,8 +24,9 @@ setup(
     extras_require={
         # train.py, model_class.py and utils/ (the application around the library)
         "train": ["torchvision>=0.21", "scikit-learn", "matplotlib", "tqdm"],
+        # tests/test_docs.py builds docs/ with mkdocs + mkdocstrings (--strict) in the tests
         "test": ["pytest", "hypothesis", "torchvision>=0.21", "scikit-learn",
-                 "matplotlib", "tqdm"],
+                 "matplotlib", "tqdm", "mkdocs>=1.6", "mkdocstrings[python]>=0.27"],
         # mas_optim.avalanche.MasPlugin (tests/test_avalanche.py skips without it: it adds about
         # 4 minutes of installs to a CI set-up)
         "avalanche": ["avalanche-lib>=0.6"],

@@ -12,13 +12,14 @@ Where things are:
 * ``utils/methods.py``     ``--method``: the table from a name to its importance function
 * ``utils/trainer.py``     the loop over tasks and epochs
 * ``utils/checkpoint.py``  the run state (``RunState``) and its files on disk
-* ``utils/data.py``, ``utils/evaluate.py``, ``utils/distributed.py``: data, results, torchrun
+* ``utils/data.py``, ``utils/folders.py``: built-in task sequences, image folders
+* ``utils/evaluate.py``, ``utils/distributed.py``: results, torchrun
 
 Under ``torchrun --standalone --nproc_per_node N train.py ...`` it trains data-parallel
 (DistributedDataParallel, gloo on CPUs, NCCL with --use_gpu), or with ``--fsdp`` with the model,
 optimizer state and reg_params sharded over the processes (``utils/fsdp.py``); only rank 0 writes
 and prints.
-Run ``python train.py --help`` for the flags; README.md describes outputs and numbers.
+Run ``python train.py --help`` for the flags; docs/train.md describes them, the output and numbers.
 """
 from __future__ import annotations
 
