@@ -53,6 +53,17 @@ def test_api_reference_lists_every_public_name():
     assert public - listed == set(), "add these to docs/api.md"
 
 
+def test_help_readme_and_train_guide_state_the_same_run_time():
+    from utils.config import DEFAULT_RUN_TIME, build_parser
+
+    def words(text: str) -> str:
+        return " ".join(text.split())
+
+    assert DEFAULT_RUN_TIME in words(build_parser().format_help())
+    for path in (ROOT / "README.md", ROOT / "docs" / "train.md"):
+        assert DEFAULT_RUN_TIME in words(path.read_text(encoding="utf-8")), path
+
+
 @pytest.mark.parametrize("code", [c for _, c in python_blocks()],
                          ids=[i for i, _ in python_blocks()])
 def test_python_block_runs_as_pasted(code, tmp_path):

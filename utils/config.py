@@ -71,6 +71,9 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 # images to 224 px at 57M parameters.
 SMALL_IMAGE_PX = 64
 SMALL_IMAGE_ARCH = "mlp"
+# How long `python train.py` takes, in --help, README.md and docs/train.md alike (the measured
+# runs and their spread are on the speed page, docs/speed.md)
+DEFAULT_RUN_TIME = "about 20 s on an idle 2-core CPU, minutes on a busy one"
 FOLDERS_ONLY = ("image_size", "augment", "normalize")  # settings of --data_dir images
 PENALTY_STEPS = ("proximal", "gradient")
 
@@ -258,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description=(
         "Train a sequence of tasks with Memory Aware Synapses (Aljundi et al., ECCV 2018) and "
         "report forgetting. Without arguments: Split Digits (scikit-learn digits, 5 tasks of 2 "
-        "digits), under a minute on a CPU."))
+        f"digits): {DEFAULT_RUN_TIME}."))
     for f in fields(Config):
         meta = f.metadata
         if "help" not in meta:  # not a flag
