@@ -114,3 +114,28 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
         "train.py: interrupted before the run's first checkpoint: nothing to resume; run the "
         "same command again"]
     assert not (tmp_path / "m" / "checkpoint.pth").exists()
+
+
+def test_the_resume_command_after_ctrl_c_repeats_the_flags_the_run_does_not_store(
+        tmp_path, capsys, monkeypatch):
+    """Settings stored with the run come back on --resume; the others (--cache_mb here) are
+    named in the command, which then continues the run."""
+    import shlex
+
+    import train
+    from utils.trainer import Trainer
+
+    real = Trainer.run
+
+    def interrupt(self, state, resumed):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run", interrupt)
+    out = tmp_path / "m"
+    assert run_main([*FAST, "--num_epochs", "1", "--cache_mb", "100"], out) == 130
+    command = (f"python train.py --resume --output_dir {shlex.quote(str(out))} "
+               "--cache_mb 100")
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.py: interrupted; continue with: {command}"]
+    monkeypatch.setattr(Trainer, "run", real)
+    assert train.main(shlex.split(command)[2:]) == 0
