@@ -64,6 +64,18 @@ def test_help_readme_and_train_guide_state_the_same_run_time():
         assert DEFAULT_RUN_TIME in words(path.read_text(encoding="utf-8")), path
 
 
+def test_every_flag_has_a_row_in_the_train_guide():
+    from dataclasses import fields
+
+    from utils.config import Config
+
+    guide = (ROOT / "docs" / "train.md").read_text(encoding="utf-8")
+    flags = [f"--{f.name}" for f in fields(Config) if "help" in f.metadata]
+    flags += [alias for f in fields(Config) for alias in f.metadata.get("aliases", {})]
+    assert [flag for flag in flags if f"| `{flag}" not in guide and f"`{flag}` is" not in guide] \
+        == [], "add a row to the flags table of docs/train.md"
+
+
 @pytest.mark.parametrize("code", [c for _, c in python_blocks()],
                          ids=[i for i, _ in python_blocks()])
 def test_python_block_runs_as_pasted(code, tmp_path):
