@@ -37,9 +37,9 @@ from utils.checkpoint import (CHECKPOINT, PLOT, REG_PARAMS, RESULTS, SHARED, Cra
                               RunState)
 from utils.config import FOLDERS, SMALL_IMAGE_ARCH, SMALL_IMAGE_PX, Config, build_parser
 from utils.data import Task, permuted_digits, split_digits, split_mnist
-from utils.folders import image_folder_tasks, image_side
 from utils.distributed import Dist, is_everywhere
 from utils.evaluate import report
+from utils.folders import image_folder_tasks, image_side
 from utils.trainer import Trainer, log
 
 
