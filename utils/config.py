@@ -66,9 +66,9 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": dict(image_size=32, augment="none", normalize="none", num_freeze_layers=0),
 }
 # --data_dir without --arch: AlexNet (as the original) for images of SMALL_IMAGE_PX and more,
-# else mlp. On Split Digits written as 28-px PNG folders, with the folder defaults, mlp learnt
-# every task where cnn stayed at chance on the first (docs/train.md); AlexNet upsamples such
-# images to 224 px at 57M parameters.
+# else mlp. On Split Digits written as 28-px PNG folders, with the folder defaults (seeds 0, 1),
+# mlp learnt every task (97-98%) where cnn reached chance or 82% (docs/train.md); AlexNet
+# upsamples such images to 224 px at 57M parameters.
 SMALL_IMAGE_PX = 64
 SMALL_IMAGE_ARCH = "mlp"
 # How long `python train.py` takes, in --help, README.md and docs/train.md alike (the measured
