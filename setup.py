@@ -24,20 +24,21 @@ setup(
     extras_require={
         # train.py, model_class.py and utils/ (the application around the library)
         "train": ["torchvision>=0.21", "scikit-learn", "matplotlib", "tqdm"],
-        # the framework tests (tests/test_integrations_*.py, test_framework_checkpoints.py,
-        # test_examples.py, the PEFT and Hugging Face cases of test_reg_params.py and
-        # test_importance_models.py) need hf, peft and lightning. The integrations are tested
-        # with transformers 5.25, accelerate 1.16, peft 0.21 and lightning 2.6.
+        # the tests: the framework tests (tests/test_integrations_*.py,
+        # test_framework_checkpoints.py, test_examples.py, the PEFT and Hugging Face cases of
+        # test_reg_params.py and test_importance_models.py) need hf, peft, lightning and avalanche, and
+        # tests/test_docs.py builds docs/ with mkdocs + mkdocstrings (--strict). Tested with
+        # transformers 5.25, accelerate 1.16, peft 0.21, lightning 2.6, mkdocs 1.6.
         "test": ["pytest", "hypothesis", "torchvision>=0.21", "scikit-learn",
-                 "matplotlib", "tqdm", "transformers", "accelerate", "peft", "lightning"],
+                 "matplotlib", "tqdm", "transformers", "accelerate", "peft", "lightning",
+                 "mkdocs>=1.6", "mkdocstrings[python]>=0.27", "avalanche-lib>=0.6"],
         # mas_optim.integrations.hf.MasCallback (Trainer needs accelerate)
         "hf": ["transformers", "accelerate"],
         # LoRA adapters with reg_params (docs/frameworks.md)
         "peft": ["peft"],
         # mas_optim.integrations.lightning.MasCallback
         "lightning": ["lightning"],
-        # mas_optim.avalanche.MasPlugin (tests/test_avalanche.py skips without it: it adds about
-        # 4 minutes of installs to a CI set-up)
+        # mas_optim.avalanche.MasPlugin
         "avalanche": ["avalanche-lib>=0.6"],
     },
 )

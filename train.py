@@ -12,19 +12,21 @@ Where things are:
 * ``utils/methods.py``     ``--method``: the table from a name to its importance function
 * ``utils/trainer.py``     the loop over tasks and epochs
 * ``utils/checkpoint.py``  the run state (``RunState``) and its files on disk
-* ``utils/data.py``, ``utils/evaluate.py``, ``utils/distributed.py``: data, results, torchrun
+* ``utils/data.py``, ``utils/folders.py``: built-in task sequences, image folders
+* ``utils/evaluate.py``, ``utils/distributed.py``: results, torchrun
 
 Under ``torchrun --standalone --nproc_per_node N train.py ...`` it trains data-parallel
 (DistributedDataParallel, gloo on CPUs, NCCL with --use_gpu), or with ``--fsdp`` with the model,
 optimizer state and reg_params sharded over the processes (``utils/fsdp.py``); only rank 0 writes
 and prints.
-Run ``python train.py --help`` for the flags; README.md describes outputs and numbers.
+Run ``python train.py --help`` for the flags; docs/train.md describes them, the output and numbers.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -33,10 +35,11 @@ from typing import Any
 from utils import AppError
 from utils.checkpoint import (CHECKPOINT, PLOT, REG_PARAMS, RESULTS, SHARED, CrashTest, RunDir,
                               RunState)
-from utils.config import FOLDERS, Config, build_parser
-from utils.data import Task, image_folder_tasks, permuted_digits, split_digits, split_mnist
+from utils.config import FOLDERS, SMALL_IMAGE_ARCH, SMALL_IMAGE_PX, Config, build_parser
+from utils.data import Task, permuted_digits, split_digits, split_mnist
 from utils.distributed import Dist, is_everywhere
 from utils.evaluate import report
+from utils.folders import image_folder_tasks, image_side
 from utils.trainer import Trainer, log
 
 
@@ -49,6 +52,23 @@ def load_tasks(config: Config) -> list[Task]:
     if config.benchmark == "split-mnist":
         return split_mnist(config.mnist_root)
     return split_digits() if config.benchmark == "split-digits" else permuted_digits()
+
+
+def with_default_backbone(given: dict[str, Any]) -> dict[str, Any]:
+    """The flags of a new run, with ``--arch`` chosen for the size of ``--data_dir`` images when
+    it is left out (and --pretrained, which is AlexNet's, too): images under SMALL_IMAGE_PX
+    (--image_size if given, else the images' own larger side) get SMALL_IMAGE_ARCH, said in
+    one line; larger ones keep AlexNet, as in the original."""
+    if given.get("data_dir") is None or given.get("benchmark") is not None \
+            or given.get("arch") or given.get("pretrained"):
+        return given
+    side = given.get("image_size") or image_side(given["data_dir"])
+    if side >= SMALL_IMAGE_PX:
+        return given
+    log(f"note: {side}-px images (under {SMALL_IMAGE_PX}): --arch {SMALL_IMAGE_ARCH} by default, "
+        "which learns such images with these defaults (AlexNet is built for 224-px images and "
+        "writes ~680 MB checkpoints); give --arch to choose")
+    return {**given, "arch": SMALL_IMAGE_ARCH}
 
 
 def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
@@ -65,7 +85,7 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
         config = Config.resumed(state.config, given, str(run_dir.path(CHECKPOINT)))
         run_dir.check_saved_files(state)
     else:
-        config = Config.from_flags(given)
+        config = Config.from_flags(with_default_backbone(given))
         if run_dir.path(CHECKPOINT).exists() and not config.overwrite:
             raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume to "
                            "continue it, --overwrite to start over, or pick another --output_dir")
@@ -83,13 +103,11 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
     return trainer, state or trainer.new_state(), state is not None
 
 
-def run(given: dict[str, Any], dist: Dist) -> int:
+def run(given: dict[str, Any], run_dir: RunDir, dist: Dist) -> int:
     """The whole run. Under torchrun (``dist.active``) every rank runs this: every rank checks
     the flags and reads the same committed files (nothing is written before all of them agree
     that everything is valid), only rank 0 writes and prints, and an error on any rank stops
     every rank at the next ``error_barrier`` with that one line and exit 2."""
-    defaults = Config()
-    run_dir = RunDir(Path(given.get("output_dir", defaults.output_dir)), CrashTest.from_env())
     device = dist.start(given.get("use_gpu", False))  # under torchrun: join the process group
     with dist.error_barrier():  # every rank: check flags, files and data; write nothing
         trainer, state, resumed = start(given, run_dir, device, dist)
@@ -123,6 +141,24 @@ def run(given: dict[str, Any], dist: Dist) -> int:
     return 0
 
 
+def interrupted(given: dict[str, Any], run_dir: RunDir, dist: Dist) -> str:
+    """The line after Ctrl-C: the exact command that continues the run, or, before the run's
+    first commit, that there is nothing to resume."""
+    if not run_dir.committed:
+        return ("interrupted before the run's first checkpoint: nothing to resume; run the same "
+                "command again")
+    # flags that are not stored with the run must be given again; the stored ones come from it
+    again = {k: v for k, v in given.items()
+             if k not in Config.stored_names() and k not in ("resume", "overwrite", "output_dir")}
+    args = ["--resume", "--output_dir", str(run_dir.root)]
+    for name, value in again.items():
+        args += [f"--{name}"] if value is True else [f"--{name}", f"{value:g}" if isinstance(
+            value, float) else str(value)]
+    start = f"torchrun --nproc_per_node {dist.world} train.py" if dist.active else \
+        "python train.py"
+    return f"interrupted; continue with: {start} {shlex.join(args)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and run; input and file problems -> one line on stderr, exit code 2.
 
@@ -145,8 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 given = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
             except SystemExit as stop:  # argparse: --help (0) or a bad flag (2, its line printed)
                 return int(stop.code or 0)
+        run_dir = RunDir(Path(given.get("output_dir", Config().output_dir)),
+                         CrashTest.from_env())
         try:
-            return run(given, dist)
+            return run(given, run_dir, dist)
+        except KeyboardInterrupt:  # Ctrl-C: what to do next, not a traceback
+            if dist.is_main:
+                print(f"train.py: {interrupted(given, run_dir, dist)}", file=sys.stderr,
+                      flush=True)
+            return 130
         except AppError as exc:
             if dist.is_main or not is_everywhere(exc):  # an error one rank alone saw: it says so
                 where = "" if dist.is_main else f"(rank {dist.rank}) "

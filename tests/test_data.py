@@ -8,8 +8,9 @@ from torch.utils.data import TensorDataset
 from helpers import make_image_tasks, write_mnist
 
 from utils import AppError
-from utils.data import (derived_seed, image_folder_tasks, make_loader, permuted_digits,
-                        split_digits, split_mnist, train_shard)
+from utils.data import (derived_seed, make_loader, permuted_digits, split_digits, split_mnist,
+                        train_shard)
+from utils.folders import image_folder_tasks
 
 
 def test_split_digits_five_binary_tasks_with_a_fixed_split():

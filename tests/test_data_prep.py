@@ -5,7 +5,7 @@ from PIL import Image
 
 
 from utils import data_prep
-from utils.data import image_folder_tasks
+from utils.folders import image_folder_tasks
 
 WNIDS = [f"n{i:08d}" for i in range(8)]
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import train
 from data_fixtures import write_png_tasks
+from helpers import make_image_tasks, run_main
 from utils import AppError
-from utils.data import (IMAGENET_MEAN, IMAGENET_STD, Preprocessing, image_folder_tasks,
-                        make_loader)
+from utils.data import make_loader
+from utils.folders import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, image_folder_tasks
 
 
 def _pixels(path, mode: str) -> np.ndarray:
@@ -251,3 +253,22 @@ def test_imagenet_statistics_of_a_grayscale_sequence_are_refused(tmp_path):
     data = write_png_tasks(tmp_path / "d", "L")
     with pytest.raises(AppError, match="--normalize imagenet: .* grayscale"):
         image_folder_tasks(str(data), 6, arch="mlp", normalize="imagenet")
+
+
+# --- the default backbone for the images' size -------------------------------------------------
+def test_small_images_get_an_mlp_by_default_and_one_line_says_why(tmp_path, capsys):
+    data = make_image_tasks(tmp_path / "data", size=12)
+    assert run_main(["--data_dir", str(data), "--num_epochs", "1"], tmp_path / "out") == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["arch"] == "mlp"
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--arch mlp" in line]
+    assert len(notes) == 1 and "12-px images (under 64)" in notes[0], notes
+
+
+def test_images_of_64_px_and_more_keep_alexnet_the_original_default(tmp_path):
+    data = str(make_image_tasks(tmp_path / "big", size=64))
+    assert "arch" not in train.with_default_backbone({"data_dir": data})  # the preset: alexnet
+    small = str(make_image_tasks(tmp_path / "small", size=63))
+    assert train.with_default_backbone({"data_dir": small})["arch"] == "mlp"
+    assert "arch" not in train.with_default_backbone({"data_dir": small, "image_size": 64})
+    given = {"data_dir": small, "arch": "cnn"}
+    assert train.with_default_backbone(given) == given  # a given --arch is kept

@@ -77,3 +77,65 @@ def test_kill_at_a_random_moment_then_resume_identically(tmp_path, finished_run)
     proc.wait(timeout=60)
     assert run_main([*FAST, "--resume"], out) == 0, f"random kill seed {seed}"
     _assert_identical(out, finished_run)
+
+
+def test_ctrl_c_prints_the_resume_command_and_exits_130(tmp_path, finished_run):
+    """SIGINT mid-run: one line on stderr (no traceback), exit code 130, and the command it
+    names continues the run to the uninterrupted result."""
+    import shlex
+
+    import train
+
+    out = tmp_path / "m"
+    proc = _start(out, None)
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint.pth").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    command = f"python train.py --resume --output_dir {shlex.quote(str(out))}"
+    assert err.splitlines() == [f"train.py: interrupted; continue with: {command}"]
+    assert train.main(shlex.split(command)[2:]) == 0
+    _assert_identical(out, finished_run)
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, capsys,
+                                                                           monkeypatch):
+    import train
+
+    def interrupt(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_tasks", interrupt)
+    assert run_main(FAST, tmp_path / "m") == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "train.py: interrupted before the run's first checkpoint: nothing to resume; run the "
+        "same command again"]
+    assert not (tmp_path / "m" / "checkpoint.pth").exists()
+
+
+def test_the_resume_command_after_ctrl_c_repeats_the_flags_the_run_does_not_store(
+        tmp_path, capsys, monkeypatch):
+    """Settings stored with the run come back on --resume; the others (--cache_mb here) are
+    named in the command, which then continues the run."""
+    import shlex
+
+    import train
+    from utils.trainer import Trainer
+
+    real = Trainer.run
+
+    def interrupt(self, state, resumed):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run", interrupt)
+    out = tmp_path / "m"
+    assert run_main([*FAST, "--num_epochs", "1", "--cache_mb", "100"], out) == 130
+    command = (f"python train.py --resume --output_dir {shlex.quote(str(out))} "
+               "--cache_mb 100")
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.py: interrupted; continue with: {command}"]
+    monkeypatch.setattr(Trainer, "run", real)
+    assert train.main(shlex.split(command)[2:]) == 0

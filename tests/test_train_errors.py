@@ -264,6 +264,25 @@ def test_disk_full_is_one_line_and_resume_finishes_the_run(tmp_path, capsys, mon
     assert done["acc_matrix"] == whole["acc_matrix"]
 
 
+def test_failed_first_write_says_to_run_again_not_to_resume(tmp_path, capsys, monkeypatch):
+    """Before the first commit there is nothing to resume: the line says to run the same
+    command again, and that command then runs."""
+    import mas_optim
+
+    real = mas_optim.atomic_write
+
+    def full(path, data, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mas_optim, "atomic_write", full)
+    args, out = [*FAST, "--num_epochs", "1"], tmp_path / "run"
+    line = fails(capsys, args, out, "checkpoint.pth", "cannot write", "nothing to resume",
+                 "run the same command again")
+    assert "--resume" not in line
+    monkeypatch.setattr(mas_optim, "atomic_write", real)
+    assert run_main(args, out) == 0
+
+
 def test_a_bug_while_restoring_is_not_reported_as_a_bad_checkpoint(stopped_run, tmp_path,
                                                                   monkeypatch):
     """Only a file that does not fit becomes "does not fit"; a programming error surfaces."""

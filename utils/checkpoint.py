@@ -217,6 +217,9 @@ class RunDir:
         self.root = root
         self.crash_test = crash_test
         self.written: list[str] = []  # files this process wrote (relative to root), in order
+        # a checkpoint of this run is on disk (read for --resume or written here): what a
+        # message after an interrupt or a failed write may offer to --resume
+        self.committed = False
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -250,15 +253,16 @@ class RunDir:
     def clear(self) -> None:
         """Remove a previous run's files (only the names this program writes), checkpoint
         first: a run interrupted while clearing is no longer resumable, never half-old."""
-        for rel in (CHECKPOINT, SHARED, REG_PARAMS, RESULTS, PLOT):
-            self.path(rel).unlink(missing_ok=True)
-        for folder in self.root.glob("Task_*"):
-            for name in ("head.pth", "classes.txt", "performance.txt"):
-                (folder / name).unlink(missing_ok=True)
-        self.remove_stale_temp_files()
-        for folder in self.root.glob("Task_*"):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        with _write_errors(self.root, committed=False):
+            for rel in (CHECKPOINT, SHARED, REG_PARAMS, RESULTS, PLOT):
+                self.path(rel).unlink(missing_ok=True)
+            for folder in self.root.glob("Task_*"):
+                for name in ("head.pth", "classes.txt", "performance.txt"):
+                    (folder / name).unlink(missing_ok=True)
+            self.remove_stale_temp_files()
+            for folder in self.root.glob("Task_*"):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
     def write(self, rel: str, data: bytes) -> None:
         """Atomically write ``data`` to ``rel``; skip when the file already holds exactly it, so
@@ -269,7 +273,7 @@ class RunDir:
                 return
         except OSError:
             pass  # missing or unreadable: write it
-        with _write_errors(path):
+        with _write_errors(path, self.committed):
             path.parent.mkdir(parents=True, exist_ok=True)
             mas_optim.atomic_write(
                 path, data, before_replace=lambda: self.crash_test.kill_point(f"write:{rel}"))
@@ -284,7 +288,7 @@ class RunDir:
                     return
             except mas_optim.RegParamsError:
                 pass  # checked before anything is written; here it is just to be replaced
-        with _write_errors(path):
+        with _write_errors(path, self.committed):
             mas_optim.save_reg_params(
                 reg_params, path,
                 before_replace=lambda: self.crash_test.kill_point(f"write:{REG_PARAMS}"))
@@ -293,11 +297,16 @@ class RunDir:
     def save_checkpoint(self, state: RunState) -> None:
         """Commit the whole run state in one atomic write (the commit point of the run)."""
         self.write(CHECKPOINT, state.to_bytes())
+        self.committed = True
 
     def load_checkpoint(self) -> RunState | None:
         """The committed run state, ``None`` when there is no checkpoint; AppError if damaged."""
         path = self.path(CHECKPOINT)
-        return RunState.load(path) if path.exists() else None
+        if not path.exists():
+            return None
+        state = RunState.load(path)
+        self.committed = True
+        return state
 
     def check_saved_files(self, state: RunState) -> None:
         """Before a resume writes anything: every public file present must load cleanly.
@@ -330,11 +339,15 @@ def _same_reg_params(a: Any, b: RegParams) -> bool:
 
 
 @contextlib.contextmanager
-def _write_errors(path: Path) -> Iterator[None]:
-    """A failed write (disk full, no permission) is one line naming the file; atomic_write has
-    left the previous version of the file, and so the last committed state, as it was."""
+def _write_errors(path: Path, committed: bool) -> Iterator[None]:
+    """A failed write (disk full, no permission) is one line naming the file and what to do:
+    atomic_write has left the previous version of the file, and so the last committed state, as
+    it was; before the run's first commit there is no such state, and nothing to resume."""
     try:
         yield
     except OSError as exc:
-        raise AppError(f"{path}: cannot write: {exc.strerror or exc} (the last committed state "
-                       "on disk is intact; free space or fix permissions, then --resume)") from None
+        then = ("the last committed state on disk is intact; free space or fix permissions, "
+                "then --resume" if committed else "nothing of this run was committed yet, so "
+                "there is nothing to resume; free space or fix permissions, then run the same "
+                "command again")
+        raise AppError(f"{path}: cannot write: {exc.strerror or exc} ({then})") from None

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from mas_optim.reg_params import parse_accumulate
 from model_class import ARCHS
 from utils import AppError
-from utils.data import AUGMENTS, BENCHMARKS, DEFAULT_CACHE_MB, NORMALIZATIONS
+from utils.data import BENCHMARKS
+from utils.folders import AUGMENTS, DEFAULT_CACHE_MB, NORMALIZATIONS
 from utils.methods import METHODS
 
 LR_STEP_EPOCHS = 20  # the original decays the learning rate x0.1 every 20 epochs
@@ -64,6 +65,15 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn": dict(image_size=32, augment="none", normalize="none", num_freeze_layers=0),
     "mlp": dict(image_size=32, augment="none", normalize="none", num_freeze_layers=0),
 }
+# --data_dir without --arch: AlexNet (as the original) for images of SMALL_IMAGE_PX and more,
+# else mlp. On Split Digits written as 28-px PNG folders, with the folder defaults (seeds 0, 1),
+# mlp learnt every task (97-98%) where cnn reached chance or 82% (docs/train.md); AlexNet
+# upsamples such images to 224 px at 57M parameters.
+SMALL_IMAGE_PX = 64
+SMALL_IMAGE_ARCH = "mlp"
+# How long `python train.py` takes, in --help, README.md and docs/train.md alike (the measured
+# runs and their spread are on the speed page, docs/speed.md)
+DEFAULT_RUN_TIME = "about 20 s on an idle 2-core CPU, minutes on a busy one"
 FOLDERS_ONLY = ("image_size", "augment", "normalize")  # settings of --data_dir images
 PENALTY_STEPS = ("proximal", "gradient")
 
@@ -164,7 +174,7 @@ class Config:
         "sum", "how Omega of a new task joins the old: 'sum' (the paper) or alpha in [0,1] for "
         "a running average", parse=_accumulate)
     seed: int = _flag(0, "seed for initialisation and data order", parse=int)
-    # not a flag: how --data_dir images become inputs (utils.data.Preprocessing.to_dict(), with
+    # not a flag: how --data_dir images become inputs (utils.folders.Preprocessing.to_dict(), with
     # the normalisation statistics of the first task), fixed when the run starts
     preprocessing: dict[str, Any] | None = field(default=None, metadata=dict(stored=True))
     output_dir: str = _flag(
@@ -251,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description=(
         "Train a sequence of tasks with Memory Aware Synapses (Aljundi et al., ECCV 2018) and "
         "report forgetting. Without arguments: Split Digits (scikit-learn digits, 5 tasks of 2 "
-        "digits), under a minute on a CPU."))
+        f"digits): {DEFAULT_RUN_TIME}."))
     for f in fields(Config):
         meta = f.metadata
         if "help" not in meta:  # not a flag
