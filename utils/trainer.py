@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 import mas_optim
 from mas_optim.sharded import shard_reg_params_like
-from model_class import TaskModel, build_shared, freeze_first_layers, new_head
+from model_class import TaskModel, freeze_first_layers, new_head
 from utils import AppError
+from utils.backbone import build_backbone
 from utils.checkpoint import (CHECKPOINT, PLOT, RESULTS, SHARED, RegParams, RunDir, RunState,
                               Tensors, rng_state, set_rng_state, to_bytes)
 from utils.config import LR_GAMMA, LR_STEP_EPOCHS, MOMENTUM, Config
@@ -150,8 +151,8 @@ class Trainer:
 
     def build_model(self, task: int, pretrained: str | None = None) -> TaskModel:
         """A new backbone (global RNG) with task ``task``'s head (seeded by --seed and task)."""
-        shared, width = build_shared(self.config.arch, self.tasks[0].input_shape,
-                                     self.config.hidden, pretrained)
+        shared, width = build_backbone(self.config.arch, self.tasks[0].input_shape,
+                                       self.config.hidden, pretrained)
         head = new_head(width, len(self.tasks[task].classes),
                         derived_seed(self.config.seed, "head", task))
         return TaskModel(shared, head)
