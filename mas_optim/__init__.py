@@ -15,6 +15,7 @@ FSDP2's ``fully_shard`` too: Ω and θ* are then sharded like the parameters
 """
 
 from .atomic import atomic_write
+from .growth import grow_reg_params
 from .importance import compute_omega
 from .local_sgd import LocalSgd
 from .omega_sgd import OmegaSgd
@@ -38,6 +39,7 @@ __all__ = [
     "atomic_write",
     "compute_omega",
     "consolidate_reg_params",
+    "grow_reg_params",
     "init_reg_params",
     "load_reg_params",
     "save_reg_params",
