@@ -71,5 +71,8 @@ def grow_reg_params(reg_params: RegParams, model: nn.Module) -> RegParams:
         init = p.detach().clone(memory_format=torch.contiguous_format)
         omega[block] = old_omega.to(omega)
         init[block] = old_init.to(init)
-        grown[name] = {"omega": omega, "init_val": init}
+        # a copy of the entry keeps its own key objects: a pickle of the result is then byte
+        # for byte that of an entry that never grew (pickle memoises by identity)
+        grown[name] = dict(entry)
+        grown[name]["omega"], grown[name]["init_val"] = omega, init
     return grown
