@@ -159,10 +159,11 @@ class Config:
         None, "MAS penalty strength lambda in lambda*sum(Omega*(theta-theta*)^2); 0 is plain "
         "fine-tuning", parse=NON_NEGATIVE)
     penalty_step: str | None = _flag(
-        None, "how the penalty is applied: --optimizer sgd: proximal (default;  (torch's SGD step on the task "
-        "loss, then the penalty's exact proximal map; stable for any reg_lambda) or gradient "
-        "(the paper's explicit step 2*reg_lambda*Omega*(theta-theta*), which diverges once "
-        "2*lr*reg_lambda*Omega > 2); adam/adamw: gradient only",
+        None, "how the penalty is applied. --optimizer sgd: proximal (the default: torch's SGD "
+        "step on the task loss, then the penalty's exact proximal map; stable for any "
+        "reg_lambda) or gradient (the paper's explicit step 2*reg_lambda*Omega*(theta-theta*), "
+        "which diverges once 2*lr*reg_lambda*Omega > 2); adam/adamw: gradient only, their "
+        "default",
         choices=PENALTY_STEPS, aliases={"--proximal": "proximal"})
     method: str = _flag(
         "mas", "importance Omega after each task: " + ", ".join(
