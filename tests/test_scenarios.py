@@ -129,3 +129,13 @@ def test_domain_scenario_refuses_tasks_of_different_class_counts(tmp_path, capsy
     (tmp_path / "three" / "task_0").rename(data / "task_1")
     fails(capsys, ["--data_dir", str(data), "--arch", "mlp", "--scenario", "domain"],
           tmp_path / "m", "--scenario domain", "task_1 has 3 classes")
+
+
+def test_fsdp_with_adam_is_refused_in_one_line():
+    from utils import AppError
+    from utils.config import Config
+    from utils.optimizers import check_sharding
+
+    with pytest.raises(AppError, match="--fsdp supports --optimizer sgd only"):
+        check_sharding(Config.from_flags({"optimizer": "adam", "fsdp": True}))
+    check_sharding(Config.from_flags({"fsdp": True}))  # sgd: sharded as before

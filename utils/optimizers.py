@@ -39,6 +39,15 @@ def resolve(given: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return {**values, "penalty_step": "gradient", "init_lr": lr}
 
 
+def check_sharding(config: Any) -> None:
+    """--fsdp checkpoints LocalSgd's state sharded; Adam's step count (a 0-dim tensor beside the
+    sharded moments) is not handled there yet, so a resume could not continue: refused."""
+    if config.fsdp and config.optimizer != "sgd":
+        raise AppError(f"--fsdp supports --optimizer sgd only (a sharded {config.optimizer} "
+                       "state could not be resumed): drop --fsdp (torchrun then uses DDP) or "
+                       "use --optimizer sgd")
+
+
 def build_optimizer(config: Any, named: list[tuple[str, nn.Parameter]], reg_params: Any,
                     track_path_integral: bool
                     ) -> tuple[torch.optim.Optimizer, Callable[[], torch.Tensor]]:

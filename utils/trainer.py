@@ -30,7 +30,7 @@ from utils.evaluate import accuracy, plot, results, results_json
 from utils import fsdp
 from utils.methods import METHODS, AfterTask
 from utils.omega_data import OmegaInputs
-from utils.optimizers import build_optimizer
+from utils.optimizers import build_optimizer, check_sharding
 from utils.scenarios import carry_head, head_classes, scenario_tasks, shared_head
 
 
@@ -65,6 +65,7 @@ class Trainer:
         self.device, self.dist = device, dist
         self.method = METHODS[config.method]
         self.omega_inputs = OmegaInputs(config.omega_data, config.benchmark, self.tasks)
+        check_sharding(config)
 
     def run(self, state: RunState, resumed: bool) -> dict[str, Any]:
         """Train every unfinished task; return the results document."""
