@@ -13,7 +13,7 @@ from helpers import FAST, results, run_cli, run_main, snapshot, write_mnist
 from test_train_errors import fails
 from utils.data import make_loader, permuted_digits, split_digits
 
-ONE_EPOCH = ["--num_epochs", "1", "--hidden", "16"]
+ONE_EPOCH = ["--num_epochs", "1", "--hidden", "16", "--batch_size", "64"]
 # Hsu et al. (2018), Split MNIST: MLP 2x400, Adam lr 1e-3, batch 128, 4 epochs per task
 PUBLISHED = ["--benchmark", "split-mnist", "--optimizer", "adam", "--hidden", "400",
              "--init_lr", "0.001", "--batch_size", "128", "--num_epochs", "4"]
