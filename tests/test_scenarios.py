@@ -101,10 +101,14 @@ def test_published_split_mnist_setting_runs_on_tiny_idx_files(tmp_path):
     assert head["head.weight"].shape == (10, 400)
 
 
-def test_adam_takes_its_own_default_learning_rate(tmp_path):
-    assert run_main(["--optimizer", "adam", "--num_epochs", "1", "--hidden", "8"],
-                    tmp_path / "m") == 0
-    assert results(tmp_path / "m")["config"]["init_lr"] == 0.001
+def test_adam_takes_its_own_defaults_and_sgd_keeps_the_preset():
+    from utils.config import Config
+
+    adam = Config.from_flags({"optimizer": "adam"})
+    assert (adam.init_lr, adam.penalty_step) == (0.001, "gradient")
+    assert Config.from_flags({"optimizer": "adamw", "init_lr": 0.01}).init_lr == 0.01
+    sgd = Config.from_flags({})
+    assert (sgd.optimizer, sgd.init_lr, sgd.penalty_step) == ("sgd", 0.02, "proximal")
 
 
 @pytest.mark.parametrize("args, needles", [
