@@ -1,5 +1,9 @@
 """The shared model (alexnet | cnn | mlp backbone) and one classification head per task.
 
+Errors here are ``ValueError``s worded for code, not for the command line: ``train.py`` checks
+its flags and words its own messages (``utils/backbone.py``); this module imports nothing of
+the application.
+
 As in the original repository, everything but the last classification layer is shared by all
 tasks and regularised by MAS; the last layer (the "head") belongs to one task. ``TaskModel``
 names its parameters ``shared.*`` and ``head.*``: these names are the keys of reg_params, of
@@ -8,12 +12,10 @@ names its parameters ``shared.*`` and ``head.*``: these names are the keys of re
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
-
-from utils import AppError, first_line
 
 ARCHS = ("mlp", "cnn", "alexnet")
 ALEXNET_MIN_SIZE = 63  # smallest input for which AlexNet's feature maps stay non-empty
@@ -79,36 +81,43 @@ def _cnn(input_shape: tuple[int, ...], hidden: int) -> nn.Sequential:
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64 * 4, hidden), nn.ReLU())
 
 
-def load_pretrained_alexnet(shared: AlexNetShared, path: str) -> None:
-    """Load torchvision AlexNet ImageNet weights from a local file (its last layer dropped)."""
-    from utils.checkpoint import load_tensors
+def alexnet_fits(input_shape: tuple[int, ...]) -> bool:
+    """Whether AlexNet takes inputs of ``input_shape``: RGB, at least ``ALEXNET_MIN_SIZE`` px."""
+    return (len(input_shape) == 3 and input_shape[0] == 3
+            and min(input_shape[1:]) >= ALEXNET_MIN_SIZE)
 
-    state = load_tensors(Path(path))
-    if not isinstance(state, dict):
-        raise AppError(f"--pretrained {path}: not a state dict")
-    state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
+
+def load_alexnet_weights(shared: AlexNetShared, state: Mapping[str, torch.Tensor]) -> None:
+    """Load torchvision AlexNet ImageNet weights (a state dict; its last layer is dropped).
+    A ValueError if ``state`` is not such weights for ``shared``."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"expected a state dict, got {type(state).__name__}")
+    kept = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
     try:
-        shared.load_state_dict(state)
+        shared.load_state_dict(kept)
     except RuntimeError as exc:  # load_state_dict's missing/unexpected keys, wrong shapes
-        raise AppError(f"--pretrained {path}: not torchvision AlexNet weights "
-                       f"({first_line(exc)})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ValueError(f"not torchvision AlexNet weights ({first})") from None
 
 
 def build_shared(arch: str, input_shape: tuple[int, ...], hidden: int,
-                 pretrained: str | None = None) -> tuple[nn.Module, int]:
-    """The shared backbone for ``arch`` and its output width (the heads' input width)."""
+                 pretrained: Mapping[str, torch.Tensor] | None = None
+                 ) -> tuple[nn.Module, int]:
+    """The shared backbone for ``arch`` and its output width (the heads' input width);
+    ``pretrained``: AlexNet weights to load (``load_alexnet_weights``). ValueError for an
+    unknown ``arch`` or inputs AlexNet does not take (``alexnet_fits``)."""
     if arch == "mlp":
         return _mlp(input_shape, hidden), hidden
     if arch == "cnn":
         return _cnn(input_shape, hidden), hidden
     if arch != "alexnet":
-        raise AppError(f"--arch {arch}: unknown (choose from {', '.join(ARCHS)})")
-    if len(input_shape) != 3 or input_shape[0] != 3 or min(input_shape[1:]) < ALEXNET_MIN_SIZE:
-        raise AppError(f"--arch alexnet needs RGB images of at least {ALEXNET_MIN_SIZE} pixels "
-                       f"(got input shape {tuple(input_shape)}); use --data_dir and --image_size")
+        raise ValueError(f"arch {arch!r}: unknown (choose from {', '.join(ARCHS)})")
+    if not alexnet_fits(input_shape):
+        raise ValueError(f"alexnet needs RGB images of at least {ALEXNET_MIN_SIZE} pixels "
+                         f"(got input shape {tuple(input_shape)})")
     shared = AlexNetShared(ALEXNET_WIDTH)
-    if pretrained:
-        load_pretrained_alexnet(shared, pretrained)
+    if pretrained is not None:
+        load_alexnet_weights(shared, pretrained)
     return shared, shared.out_features
 
 

@@ -19,6 +19,7 @@ FSDP2's ``fully_shard`` too: Ω and θ* are then sharded like the parameters
 
 from . import functional
 from .atomic import atomic_write
+from .growth import grow_reg_params
 from .importance import compute_omega
 from .local_sgd import LocalSgd
 from .omega_sgd import OmegaSgd
@@ -43,6 +44,7 @@ __all__ = [
     "compute_omega",
     "consolidate_reg_params",
     "functional",
+    "grow_reg_params",
     "init_reg_params",
     "load_reg_params",
     "save_reg_params",

@@ -10,6 +10,7 @@ import model_class
 from model_class import (AlexNetShared, TaskModel, build_shared, freeze_first_layers,
                          new_head)
 from utils import AppError
+from utils.backbone import build_backbone
 
 
 @pytest.mark.parametrize("arch, shape", [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)),
@@ -57,7 +58,7 @@ def test_alexnet_keeps_torchvision_names_and_freezes_first_convs():
 
 def test_alexnet_needs_large_rgb_images(monkeypatch):
     monkeypatch.setattr(model_class, "ALEXNET_WIDTH", 8)
-    with pytest.raises(AppError, match="at least 63"):
+    with pytest.raises(ValueError, match="at least 63"):
         build_shared("alexnet", (1, 8, 8), 8)
     shared, width = build_shared("alexnet", (3, 63, 63), 0)
     assert shared(torch.zeros(1, 3, 63, 63)).shape == (1, width)
@@ -66,5 +67,19 @@ def test_alexnet_needs_large_rgb_images(monkeypatch):
 def test_pretrained_mismatch_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(model_class, "ALEXNET_WIDTH", 8)
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "w.pth")
-    with pytest.raises(AppError, match="not torchvision AlexNet weights"):
-        build_shared("alexnet", (3, 64, 64), 0, pretrained=str(tmp_path / "w.pth"))
+    with pytest.raises(AppError, match=r"--pretrained .*w.pth: not torchvision AlexNet weights"):
+        build_backbone("alexnet", (3, 64, 64), 0, pretrained=str(tmp_path / "w.pth"))
+    with pytest.raises(ValueError, match="not torchvision AlexNet weights"):
+        build_shared("alexnet", (3, 64, 64), 0, {"features.0.weight": torch.zeros(1)})
+
+
+def test_model_class_does_not_import_the_application():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(model_class))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"utils", "train"}, imported

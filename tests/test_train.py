@@ -13,6 +13,7 @@ from helpers import (FAST, make_image_tasks, results, run_cli, run_main, snapsho
 import mas_optim
 import train
 import model_class
+from utils.backbone import build_backbone
 
 # The band of the default run (seed 0) on any CPU: the spread over seeds 0-4 (README,
 # "Measured") with a margin of about two standard deviations; fine-tuning's forgetting
@@ -264,8 +265,8 @@ def test_pretrained_alexnet_weights_are_loaded_from_a_file(tmp_path, monkeypatch
     weights = {k: v + 1 for k, v in reference.state_dict().items()}
     weights["classifier.6.weight"] = torch.zeros(1000, 16)  # the ImageNet head is dropped
     torch.save(weights, tmp_path / "alexnet.pth")
-    shared, width = model_class.build_shared("alexnet", (3, 64, 64), 0,
-                                             pretrained=str(tmp_path / "alexnet.pth"))
+    shared, width = build_backbone("alexnet", (3, 64, 64), 0,
+                                   pretrained=str(tmp_path / "alexnet.pth"))
     assert width == 16
     assert torch.equal(shared.state_dict()["features.0.weight"], weights["features.0.weight"])
 

@@ -21,6 +21,7 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -79,6 +80,20 @@ def to_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def _interned(obj: Any) -> Any:
+    """``obj`` with every string interned. Pickle writes a string seen before as a reference to
+    it by identity, so equal strings that are one object in one run (a setting named like a
+    field, ``"optimizer"``) and two in a resumed one (read from the checkpoint) would give other
+    bytes; interned, equal strings are always one object."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_interned(k): _interned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_interned(v) for v in obj)
+    return obj
 
 
 def load_tensors(path: Path) -> Any:
@@ -153,7 +168,7 @@ class RunState:
                        acc_matrix=[*self.acc_matrix, row], **changes)
 
     def to_bytes(self) -> bytes:
-        return to_bytes({f.name: getattr(self, f.name) for f in fields(self)})
+        return to_bytes(_interned({f.name: getattr(self, f.name) for f in fields(self)}))
 
     @classmethod
     def load(cls, path: Path) -> "RunState":

@@ -19,10 +19,12 @@ from utils import AppError
 from utils.data import BENCHMARKS
 from utils.folders import AUGMENTS, DEFAULT_CACHE_MB, NORMALIZATIONS
 from utils.methods import METHODS
+from utils.omega_data import parse_omega_data
+from utils.optimizers import ADAPTIVE_LR, MOMENTUM, OPTIMIZERS, resolve
+from utils.scenarios import SCENARIOS
 
 LR_STEP_EPOCHS = 20  # the original decays the learning rate x0.1 every 20 epochs
 LR_GAMMA = 0.1
-MOMENTUM = 0.9
 FOLDERS = "folders"  # the benchmark name of a --data_dir run
 
 
@@ -151,17 +153,27 @@ class Config:
         "regularised", parse=COUNT)
     num_epochs: int | None = _flag(None, "epochs per task", parse=POSITIVE_INT)
     batch_size: int | None = _flag(None, "batch size", parse=POSITIVE_INT)
+    scenario: str = _flag(
+        "task", "continual-learning scenario: task (a head per task, task identity at test), "
+        "domain (one shared head, no task identity) or class (one head over every class seen "
+        "so far, growing; no task identity at test); see docs/scenarios.md",
+        choices=SCENARIOS)
+    optimizer: str = _flag(
+        "sgd", f"sgd (momentum {MOMENTUM}, the penalty inside its step: mas_optim.LocalSgd), "
+        "adam or adamw (torch's, the penalty's gradient added by mas_optim.add_mas_penalty)",
+        choices=OPTIMIZERS)
     init_lr: float | None = _flag(
-        None, f"initial learning rate, x{LR_GAMMA} every {LR_STEP_EPOCHS} epochs, SGD momentum "
-        f"{MOMENTUM}", parse=POSITIVE)
+        None, f"initial learning rate, x{LR_GAMMA} every {LR_STEP_EPOCHS} epochs (adam/adamw: "
+        f"{ADAPTIVE_LR})", parse=POSITIVE)
     reg_lambda: float | None = _flag(
         None, "MAS penalty strength lambda in lambda*sum(Omega*(theta-theta*)^2); 0 is plain "
         "fine-tuning", parse=NON_NEGATIVE)
-    penalty_step: str = _flag(
-        "proximal", "how LocalSgd applies the penalty: proximal (torch's SGD step on the task "
-        "loss, then the penalty's exact proximal map; stable for any reg_lambda) or gradient "
-        "(the paper's explicit step 2*reg_lambda*Omega*(theta-theta*), which diverges once "
-        "2*lr*reg_lambda*Omega > 2)",
+    penalty_step: str | None = _flag(
+        None, "how the penalty is applied. --optimizer sgd: proximal (the default: torch's SGD "
+        "step on the task loss, then the penalty's exact proximal map; stable for any "
+        "reg_lambda) or gradient (the paper's explicit step 2*reg_lambda*Omega*(theta-theta*), "
+        "which diverges once 2*lr*reg_lambda*Omega > 2); adam/adamw: gradient only, their "
+        "default",
         choices=PENALTY_STEPS, aliases={"--proximal": "proximal"})
     method: str = _flag(
         "mas", "importance Omega after each task: " + ", ".join(
@@ -170,6 +182,11 @@ class Config:
         "per-sample", "importance: mean over samples of |d||f(x)||^2/dtheta| (per-sample, the "
         "paper's Eq. 2) or from the gradient of whole batches (faster, coarser)",
         choices=("per-sample", "batch"))
+    omega_data: str = _flag(
+        "train", "inputs the importance Omega is computed on (no labels needed): train (the "
+        "task's training inputs), test (its test inputs) or DIR (every image under DIR, for "
+        "every task, preprocessed as the run's images)", parse=parse_omega_data,
+        metavar="train|test|DIR")
     accumulate: str | float = _flag(
         "sum", "how Omega of a new task joins the old: 'sum' (the paper) or alpha in [0,1] for "
         "a running average", parse=_accumulate)
@@ -221,7 +238,7 @@ class Config:
             if given.get("reg_lambda"):
                 raise AppError(f"--method {values['method']} has no penalty: drop --reg_lambda")
             values["reg_lambda"] = 0.0
-        return cls(**values)
+        return cls(**resolve(given, values))
 
     @classmethod
     def resumed(cls, stored: Any, given: dict[str, Any], where: str) -> "Config":

@@ -25,6 +25,7 @@ BENCHMARKS = ("split-digits", "permuted-digits", "split-mnist")
 DIGITS_TEST_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0  # the train/test split is fixed: it is part of the benchmark, not of --seed
 NUM_PERMUTED_TASKS = 5
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # split-mnist's inputs: (pixel / 255 - mean) / std
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -105,12 +106,17 @@ def permuted_digits() -> list[Task]:
     flat = x.flatten(1)
     tasks = []
     for k in range(NUM_PERMUTED_TASKS):
-        perm = (torch.arange(flat.shape[1]) if k == 0 else
-                torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(k)))
-        xk = flat[:, perm].reshape(x.shape)
+        xk = flat[:, pixel_permutation(k, flat.shape[1])].reshape(x.shape)
         tasks.append(Task(f"permutation {k + 1}", [str(d) for d in range(10)],
                           TensorDataset(xk[tr], y[tr]), TensorDataset(xk[te], y[te])))
     return tasks
+
+
+def pixel_permutation(k: int, pixels: int) -> torch.Tensor:
+    """The pixel order of Permuted Digits' task ``k`` (0-based; task 0 is unpermuted)."""
+    if k == 0:
+        return torch.arange(pixels)
+    return torch.randperm(pixels, generator=torch.Generator().manual_seed(k))
 
 
 # --- MNIST -------------------------------------------------------------------------------------
@@ -132,7 +138,7 @@ def split_mnist(root: str | None) -> list[Task]:
             f"torchvision.datasets.MNIST('{root}', download=True)") from None
 
     def tensors(ds: MNIST) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (ds.data.float().div(255.0).sub(0.1307).div(0.3081)).unsqueeze(1)
+        x = (ds.data.float().div(255.0).sub(MNIST_MEAN).div(MNIST_STD)).unsqueeze(1)
         return x, ds.targets.long()
 
     return _split_tasks(*tensors(train), *tensors(test), prefix="mnist")

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from utils.scenarios import DESCRIPTIONS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -75,6 +77,8 @@ def report(doc: dict[str, Any]) -> str:
         lines.append(f"{j + 1:>2}  {name:<{width}}  {doc['acc_matrix'][j][j]:>13.2f}%  "
                      f"{doc['final_acc'][j]:>6.2f}%  {doc['forgetting'][j]:>9.2f}pp")
     avg_f = doc["avg_forgetting"]
+    scenario = doc["config"].get("scenario", "task")
+    lines.append(f"Scenario {scenario}: {DESCRIPTIONS[scenario]}")
     lines.append(f"Average accuracy {doc['avg_acc']:.2f}%, average forgetting "
                  f"{'n/a' if avg_f is None else f'{avg_f:.2f}pp'} (over all but the last task)")
     return "\n".join(lines)

@@ -24,10 +24,10 @@ class AfterTask:
     """What an importance function may use, right after a task was trained."""
 
     model: nn.Module  # the plain model (never the DDP wrapper), current task's head on
-    optimizer: mas_optim.LocalSgd  # the optimizer that trained the task
+    optimizer: torch.optim.Optimizer  # the optimizer that trained the task (LocalSgd for si)
     reg_params: dict[str, dict[str, torch.Tensor]]  # Omega and theta* before this task
-    batches: Callable[[], Iterable[Any]]  # the task's training data, fixed order, on the device;
-    #                                       under torchrun this rank's share of it
+    batches: Callable[[], Iterable[Any]]  # the inputs of --omega_data (no labels), fixed
+    #                                       order, on the device; under torchrun this rank's share
     per_sample: bool  # --omega per-sample (Eq. 2) or batch (the original code's formula)
 
 

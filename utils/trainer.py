@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,16 +18,20 @@ from tqdm import tqdm
 
 import mas_optim
 from mas_optim.sharded import shard_reg_params_like
-from model_class import TaskModel, build_shared, freeze_first_layers, new_head
+from model_class import TaskModel, freeze_first_layers, new_head
 from utils import AppError
+from utils.backbone import build_backbone
 from utils.checkpoint import (CHECKPOINT, PLOT, RESULTS, SHARED, RegParams, RunDir, RunState,
                               Tensors, rng_state, set_rng_state, to_bytes)
-from utils.config import LR_GAMMA, LR_STEP_EPOCHS, MOMENTUM, Config
+from utils.config import LR_GAMMA, LR_STEP_EPOCHS, Config
 from utils.data import Task, derived_seed, fixed_shard, train_shard
 from utils.distributed import Dist, everywhere
 from utils.evaluate import accuracy, plot, results, results_json
 from utils import fsdp
 from utils.methods import METHODS, AfterTask
+from utils.omega_data import OmegaInputs
+from utils.optimizers import build_optimizer, check_sharding
+from utils.scenarios import carry_head, head_classes, scenario_tasks, shared_head
 
 
 def log(message: str) -> None:
@@ -56,9 +60,12 @@ class Trainer:
 
     def __init__(self, config: Config, tasks: list[Task], run_dir: RunDir, device: torch.device,
                  dist: Dist) -> None:
-        self.config, self.tasks, self.run_dir = config, tasks, run_dir
+        self.config, self.run_dir = config, run_dir
+        self.tasks = scenario_tasks(config.scenario, tasks)  # labels as --scenario trains
         self.device, self.dist = device, dist
         self.method = METHODS[config.method]
+        self.omega_inputs = OmegaInputs(config.omega_data, config.benchmark, self.tasks)
+        check_sharding(config)
 
     def run(self, state: RunState, resumed: bool) -> dict[str, Any]:
         """Train every unfinished task; return the results document."""
@@ -76,13 +83,13 @@ class Trainer:
     def train_task(self, state: RunState) -> RunState:
         cfg, t = self.config, state.task
         with self.dist.error_barrier():
-            model, optimizer, scheduler, reg_params = self.restore(state)
+            model, optimizer, penalty, scheduler, reg_params = self.restore(state)
         # DDP under torchrun: it averages the task gradient (FSDP, the model itself, does too)
         net = model if cfg.fsdp else self.dist.wrap(model)
         label = f"task {t + 1}/{len(self.tasks)} ({self.tasks[t].name})"
         every = max(1, math.ceil(cfg.num_epochs / 5))
         for epoch in range(state.epoch, cfg.num_epochs):
-            loss, penalty = self.train_epoch(net, optimizer, t, epoch, label)
+            loss, mas_penalty = self.train_epoch(net, optimizer, penalty, t, epoch, label)
             scheduler.step()
             if not fsdp.all_finite(model.parameters()):
                 raise self.diverged(t, epoch, "a parameter became NaN or Inf")
@@ -96,7 +103,7 @@ class Trainer:
             self.run_dir.crash_test.kill_point("after-epoch")
             if (epoch + 1) % every == 0 or epoch + 1 == cfg.num_epochs:
                 log(f"{label} epoch {epoch + 1}/{cfg.num_epochs}: loss {loss:.4f}, MAS penalty "
-                    f"{penalty:.4f}")
+                    f"{mas_penalty:.4f}")
         del net
         row = self.evaluate_seen(model, state)
         omega = self.method.importance(AfterTask(
@@ -140,7 +147,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = self.build_model(0, cfg.pretrained)
         frozen = freeze_first_layers(model, cfg.num_freeze_layers)
-        head_names = [f"head.{n}" for n, _ in model.head.named_parameters()]
+        # a head per task is no task's memory; one head shared by every task is
+        head_names = [] if shared_head(cfg.scenario) else [
+            f"head.{n}" for n, _ in model.head.named_parameters()]
         reg_params = mas_optim.init_reg_params(model, freeze_layers=frozen + head_names)
         return RunState(config=cfg.to_dict(), tasks=[t.name for t in self.tasks],
                         classes=[t.classes for t in self.tasks],
@@ -150,37 +159,37 @@ class Trainer:
 
     def build_model(self, task: int, pretrained: str | None = None) -> TaskModel:
         """A new backbone (global RNG) with task ``task``'s head (seeded by --seed and task)."""
-        shared, width = build_shared(self.config.arch, self.tasks[0].input_shape,
-                                     self.config.hidden, pretrained)
-        head = new_head(width, len(self.tasks[task].classes),
+        shared, width = build_backbone(self.config.arch, self.tasks[0].input_shape,
+                                       self.config.hidden, pretrained)
+        classes = head_classes(self.config.scenario, [t.classes for t in self.tasks], task)
+        head = new_head(width, len(classes),
                         derived_seed(self.config.seed, "head", task))
         return TaskModel(shared, head)
 
-    def restore(self, state: RunState) -> tuple[TaskModel, mas_optim.LocalSgd, Any, RegParams]:
-        """Model, optimizer, scheduler and reg_params of a committed state. The model is built
-        without touching the global RNG, so that a resumed run draws the same dropout and
-        augmentation numbers as an uninterrupted one."""
+    def restore(self, state: RunState) -> tuple[TaskModel, torch.optim.Optimizer,
+                                                Callable[[], torch.Tensor], Any, RegParams]:
+        """Model, optimizer (and its penalty's value), scheduler and reg_params of a committed
+        state. The model is built without touching the global RNG, so that a resumed run draws
+        the same dropout and augmentation numbers as an uninterrupted one."""
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
             model = self.build_model(state.task)
         freeze_first_layers(model, cfg.num_freeze_layers)
-        self.check_fits(state, model)
+        reg_params = self.carry_head(state, model)
+        self.check_fits(state, model, reg_params)
         model.load_part("shared", state.shared)
         if state.head is not None:
             model.load_part("head", state.head)
         reg_params = {n: {k: v.to(self.device, copy=True) for k, v in d.items()}
-                      for n, d in state.reg_params.items()}
+                      for n, d in reg_params.items()}
         if cfg.fsdp:  # each rank keeps its slices of the full weights it loaded; no traffic
             fsdp.shard_task_model(model, self.device)
             reg_params = shard_reg_params_like(reg_params, model)
         else:
             model.to(self.device)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = mas_optim.LocalSgd(trainable, reg_params=reg_params,
-                                       reg_lambda=cfg.reg_lambda, lr=cfg.init_lr,
-                                       momentum=MOMENTUM,
-                                       proximal=cfg.penalty_step == "proximal",
-                                       track_path_integral=self.method.track_path_integral)
+        optimizer, penalty = build_optimizer(cfg, trainable, reg_params,
+                                             self.method.track_path_integral)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
         if state.optimizer is not None:
             try:  # a state dict of other parameter groups: ValueError; a malformed one: KeyError
@@ -191,28 +200,43 @@ class Trainer:
                 raise self.does_not_fit(f"optimizer state: {exc}") from None
             for name, p in trainable:
                 for key, value in optimizer.state[p].items():
-                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    # (Adam's step count is a 0-dim tensor)
+                    if isinstance(value, torch.Tensor) and value.dim() and \
+                            value.shape != p.shape:
                         raise self.does_not_fit(f"optimizer {key} of {name}")
-        return model, optimizer, scheduler, reg_params
+        return model, optimizer, penalty, scheduler, reg_params
 
-    def check_fits(self, state: RunState, model: TaskModel) -> None:
+    def carry_head(self, state: RunState, model: TaskModel) -> RegParams:
+        """Under --scenario domain/class, the previous task's head goes on in ``model``'s (under
+        class its first rows) and reg_params grow with it (``mas_optim.grow_reg_params``: new
+        rows Omega 0, theta* their initial values, the same after a resume); the reg_params."""
+        if not shared_head(self.config.scenario) or state.task == 0:
+            return state.reg_params
+        try:
+            carry_head(model.head, state.heads[-1])
+            return mas_optim.grow_reg_params(state.reg_params, model)
+        except (ValueError, KeyError) as exc:
+            raise self.does_not_fit(f"head: {exc}") from None
+
+    def check_fits(self, state: RunState, model: TaskModel, reg_params: RegParams) -> None:
         """Names and shapes of the state's tensors against the model it must load into."""
         if _shapes(state.shared) != _shapes(model.part_state("shared")):
             raise self.does_not_fit("shared weights")
         if state.head is not None and _shapes(state.head) != _shapes(model.part_state("head")):
             raise self.does_not_fit("head")
-        regularised = {n: tuple(p.shape) for n, p in model.named_parameters()
-                       if p.requires_grad and n.startswith("shared.")}
-        if {n: tuple(d["omega"].shape) for n, d in state.reg_params.items()} != regularised or \
-                {n: tuple(d["init_val"].shape) for n, d in state.reg_params.items()} != regularised:
+        regularised = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad
+                       and (n.startswith("shared.") or shared_head(self.config.scenario))}
+        if {n: tuple(d["omega"].shape) for n, d in reg_params.items()} != regularised or \
+                {n: tuple(d["init_val"].shape) for n, d in reg_params.items()} != regularised:
             raise self.does_not_fit("reg_params")
 
     def does_not_fit(self, what: str) -> AppError:
         return AppError(f"{self.run_dir.path(CHECKPOINT)}: does not fit the model ({what[:160]})")
 
     # --- one epoch, evaluation, importance data -----------------------------------------------
-    def train_epoch(self, model: torch.nn.Module, optimizer: mas_optim.LocalSgd, t: int,
-                    epoch: int, label: str) -> tuple[float, float]:
+    def train_epoch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    penalty: Callable[[], torch.Tensor], t: int, epoch: int, label: str
+                    ) -> tuple[float, float]:
         """One pass over task ``t``'s data in an order fixed by (seed, task, epoch); under
         torchrun over this rank's shard of it. Returns the mean loss and the penalty."""
         dist, seed = self.dist, self.config.seed
@@ -247,7 +271,7 @@ class Trainer:
             bad = next((r[2] for r in ranks if r[2] is not None), None)
             if bad is not None:
                 raise self.diverged(t, epoch, f"the loss became {bad}")
-        mas_penalty = float(optimizer.penalty())  # the total over ranks when sharded
+        mas_penalty = float(penalty())  # the total over ranks when sharded
         if not math.isfinite(mas_penalty):
             raise self.diverged(t, epoch, f"the MAS penalty became {mas_penalty}")
         return total / max(seen, 1), mas_penalty
@@ -257,7 +281,7 @@ class Trainer:
         each rank evaluates its share and the counts are summed over the ranks."""
         own_head, row = model.head, []
         for j in range(state.task + 1):
-            if j < state.task:
+            if j < state.task and not shared_head(self.config.scenario):
                 model.head = new_head(own_head.in_features, len(self.tasks[j].classes), 0)
                 model.load_part("head", state.heads[j])
                 model.head.to(self.device)
@@ -271,22 +295,24 @@ class Trainer:
                                 self.dist.sum_counts if self.dist.active else None))
         return row
 
-    def importance_batches(self, t: int, label: str) -> Iterator[Any]:
-        """Task ``t``'s training data in fixed order for the importance pass (on the device);
-        under torchrun this rank's whole batches of it."""
-        loader = fixed_shard(self.tasks[t].train, self.config.batch_size, self.dist.rank,
-                             self.dist.world)
+    def importance_batches(self, t: int, label: str) -> Iterator[torch.Tensor]:
+        """The inputs of task ``t``'s importance pass (--omega_data; no labels: MAS needs none)
+        in fixed order, on the device; under torchrun this rank's whole batches of them."""
+        loader = fixed_shard(self.omega_inputs.dataset(t), self.config.batch_size,
+                             self.dist.rank, self.dist.world)
         middle = len(loader) // 2
-        for i, (x, y) in enumerate(bar(loader, f"{label} importance")):
+        for i, batch in enumerate(bar(loader, f"{label} importance")):
             if i == middle:
                 self.run_dir.crash_test.kill_point("importance")
-            yield x.to(self.device), y.to(self.device)
+            yield batch[0].to(self.device)
 
     def diverged(self, t: int, epoch: int, what: str) -> Diverged:
         cfg = self.config
         advice = ("the explicit penalty step 2*lr*reg_lambda*Omega is too large; lower --init_lr "
                    "or --reg_lambda, or use --penalty_step proximal" if cfg.penalty_step ==
                    "gradient" else "the task loss's step is too large; lower --init_lr")
+        if cfg.optimizer != "sgd":
+            advice = "the step is too large; lower --init_lr or --reg_lambda"
         # every check that raises it sees the same values on every rank (parameters, penalty
         # and Omega are identical under DDP; the losses are gathered first)
         return everywhere(Diverged(
@@ -302,7 +328,8 @@ def export(run_dir: RunDir, state: RunState) -> None:
     for k in range(state.task):
         folder = run_dir.task_dir(k)
         run_dir.write(f"{folder}/head.pth", to_bytes(state.heads[k]))
-        run_dir.write(f"{folder}/classes.txt", ("\n".join(state.classes[k]) + "\n").encode())
+        names = head_classes(state.config["scenario"], state.classes, k)  # the head's outputs
+        run_dir.write(f"{folder}/classes.txt", ("\n".join(names) + "\n").encode())
         run_dir.write(f"{folder}/performance.txt", f"{state.acc_matrix[k][k]:.4f}\n".encode())
     run_dir.write_reg_params(state.reg_params)
     run_dir.write(SHARED, to_bytes(state.shared))
