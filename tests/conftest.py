@@ -2,6 +2,7 @@
 kernels."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,26 @@ def kernel_calls(monkeypatch):
 
         monkeypatch.setattr(kernels, name, spy)
     return calls
+
+
+def _missing_extra(report) -> bool:
+    """A skip for a module that could not be imported (``pytest.importorskip``)."""
+    return report.skipped and "could not import" in str(report.longrepr)
+
+
+# Under CI (CI=true, as .ci/run is run) the test extra installs every framework: a test
+# skipped for a missing one would hide a broken install, so it fails instead.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and _missing_extra(report):
+        report.outcome = "failed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and _missing_extra(report):
+        report.outcome = "failed"
