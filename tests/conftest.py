@@ -1,5 +1,5 @@
-"""Shared fixtures: finished and interrupted runs, image folders, a machine without the C
-kernels."""
+"""Shared fixtures: finished and interrupted runs, image folders; under CI, no skip for a
+missing framework."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from helpers import FAST, make_image_tasks, run_cli, run_main
-from mas_optim import _kernels
 
 
 @pytest.fixture(scope="session")
@@ -33,31 +32,6 @@ def stopped_run(tmp_path_factory) -> Path:
 def image_folders(tmp_path) -> Path:
     """Two tasks of two classes of 12x12 colour PNGs in the original's folder layout."""
     return make_image_tasks(tmp_path / "data")
-
-
-@pytest.fixture
-def no_c_kernels(monkeypatch):
-    """As on a machine without a C compiler: mas_optim._kernels.load() gives None."""
-    monkeypatch.setattr(_kernels, "load", lambda: None)
-    monkeypatch.setattr(_kernels, "reason", lambda: "no C compiler (cc) on PATH")
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the C kernels' calls by name ('sgd', 'penalty', 'adam'): tensors per call."""
-    kernels = _kernels.load()
-    if kernels is None:
-        pytest.skip(f"the C kernels are not available here: {_kernels.reason()}")
-    calls = {"sgd": [], "penalty": [], "adam": []}
-    for name in calls:
-        real = getattr(kernels, name)
-
-        def spy(dtype, rows, *args, _real=real, _name=name):
-            calls[_name].append(len(rows[0]))
-            return _real(dtype, rows, *args)
-
-        monkeypatch.setattr(kernels, name, spy)
-    return calls
 
 
 def _missing_extra(report) -> bool:
