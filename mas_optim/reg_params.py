@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ._validate import check_structure, is_sharded
+from ._validate import check_structure, explain_name_mismatch, is_sharded
 from .atomic import PathLike, atomic_write
 
 RegParams = Dict[str, Dict[str, torch.Tensor]]
@@ -151,59 +151,6 @@ def parse_accumulate(value: Union[str, float]) -> Union[str, float]:
     if not 0.0 <= alpha <= 1.0:  # also refuses NaN
         raise ValueError(message)
     return alpha
-
-
-def explain_name_mismatch(expected: Iterable[str], found: Iterable[str]) -> str:
-    """One sentence on why parameter names ``expected`` (reg_params' keys) are not among
-    ``found`` (a model's or optimizer's names), for an error message:
-
-    * names that differ only by one dotted part, the same swap for all: a PEFT adapter name
-      (``...lora_A.default.weight`` vs ``...lora_A.task_b.weight``);
-    * names that differ by a prefix: a wrapper (``module.`` of DDP, ``_orig_mod.`` of
-      ``torch.compile``, ``base_model.model.`` of PEFT);
-    * otherwise: an example of each side.
-    """
-    expected = [n for n in expected]
-    found_set = set(found)
-    found = sorted(found_set)
-    missing = [n for n in expected if n not in found_set]
-    if not missing:
-        return "every name matches"
-    if not found:
-        return "the model has no named parameters"
-    swaps: Dict[tuple, str] = {}  # (position, expected part, found part) -> an example
-    by_shape: Dict[tuple, list] = {}
-    for name in found:
-        parts = name.split(".")
-        for i in range(len(parts)):
-            by_shape.setdefault((len(parts), i, tuple(parts[:i] + parts[i + 1:])), []).append(
-                parts[i])
-    for name in missing:
-        parts = name.split(".")
-        for i in range(len(parts)):
-            for other in by_shape.get((len(parts), i, tuple(parts[:i] + parts[i + 1:])), ()):
-                swaps.setdefault((parts[i], other), name)
-    if len(swaps) == 1 and not any(part.isdigit() for part in next(iter(swaps))):
-        (old, new), example = next(iter(swaps.items()))
-        return (f"the names differ only by adapter name: {old!r} in reg_params, {new!r} in the "
-                f"parameters (e.g. {example!r} vs "
-                f"{'.'.join(new if p == old else p for p in example.split('.'))!r})")
-    for a, b, which in ((missing, found, "reg_params'"), (found, missing, "the parameters'")):
-        for extra in _prefixes(a[0], b):
-            if all(n[len(extra):] in set(b) for n in a if n.startswith(extra)):
-                return (f"the names differ by a prefix: {which} carry {extra!r} (a wrapper: "
-                        f"DDP's 'module.', torch.compile's '_orig_mod.'); build reg_params from "
-                        f"the module the optimizer holds")
-    return (f"no name matches: e.g. {missing[0]!r} vs {found[0]!r}; build reg_params from the "
-            f"module whose named_parameters() the optimizer holds")
-
-
-def _prefixes(name: str, others: Iterable[str]) -> list:
-    """Dotted prefixes of ``name`` whose removal gives one of ``others``."""
-    others = set(others)
-    parts = name.split(".")
-    return [".".join(parts[:i]) + "." for i in range(1, len(parts))
-            if ".".join(parts[i:]) in others]
 
 
 # ----------------------------------------------------------------------- sharded (FSDP2)

@@ -203,7 +203,17 @@ def test_reg_params_for_an_unnamed_optimizer_are_refused():
 def test_reg_params_that_match_no_parameter_are_refused():
     model = make_mlp()
     reg = {"backbone." + n: e for n, e in random_reg_params(model).items()}
-    with pytest.raises(ValueError, match="no name in reg_params matches"):
+    with pytest.raises(ValueError, match="no name in reg_params matches.*differ by a prefix"):
+        LocalSgd(model.named_parameters(), reg_params=reg)
+
+
+def test_reg_params_of_another_adapter_name_the_adapter_mismatch():
+    model = nn.ModuleDict({"lora_A": nn.ModuleDict({"task_b": nn.Linear(3, 2)})})
+    reg = {n.replace("task_b", "default"): {"omega": torch.ones_like(p),
+                                            "init_val": p.detach().clone()}
+           for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="differ only by adapter name: 'default' in reg_params, "
+                                         "'task_b' in the parameters"):
         LocalSgd(model.named_parameters(), reg_params=reg)
 
 
