@@ -28,15 +28,17 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from utils import AppError
+from utils import sweep
 from utils.checkpoint import (CHECKPOINT, PLOT, REG_PARAMS, RESULTS, SHARED, CrashTest, RunDir,
                               RunState)
 from utils.config import FOLDERS, Config, build_parser
 from utils.data import Task, image_folder_tasks, permuted_digits, split_digits, split_mnist
 from utils.distributed import Dist, is_everywhere
 from utils.evaluate import report
+from utils.lambda_search import AUTO
 from utils.trainer import Trainer, log
 
 
@@ -51,8 +53,8 @@ def load_tasks(config: Config) -> list[Task]:
     return split_digits() if config.benchmark == "split-digits" else permuted_digits()
 
 
-def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
-          ) -> tuple[Trainer, RunState, bool]:
+def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist,
+          load: Callable[[Config], list[Task]] = load_tasks) -> tuple[Trainer, RunState, bool]:
     """Check the flags, the files and the data (every rank; nothing is written): the trainer,
     the committed state to continue from (a new one for a new run) and whether it is resumed."""
     if given.get("resume") and given.get("overwrite"):
@@ -69,10 +71,12 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
         if run_dir.path(CHECKPOINT).exists() and not config.overwrite:
             raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume to "
                            "continue it, --overwrite to start over, or pick another --output_dir")
+    if config.reg_lambda == AUTO and dist.active:
+        raise AppError("--reg_lambda auto searches in one process: start it without torchrun")
     if config.fsdp and not dist.active:
         raise AppError("--fsdp shards the model over processes: start train.py under torchrun "
                        "(torchrun --standalone --nproc_per_node N train.py --fsdp ...)")
-    tasks = load_tasks(config)
+    tasks = load(config)
     if state is not None and ([t.name for t in tasks] != state.tasks
                               or [t.classes for t in tasks] != state.classes):
         raise AppError(f"--resume: the tasks found now differ from those of the run in "
@@ -84,15 +88,28 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
 
 
 def run(given: dict[str, Any], dist: Dist) -> int:
-    """The whole run. Under torchrun (``dist.active``) every rank runs this: every rank checks
-    the flags and reads the same committed files (nothing is written before all of them agree
-    that everything is valid), only rank 0 writes and prints, and an error on any rank stops
-    every rank at the next ``error_barrier`` with that one line and exit 2."""
+    """One run, or with several --reg_lambda values a sweep of them (``utils/sweep.py``)."""
+    given, values = sweep.split_flags(given)
+    if values is None:
+        run_one(given, dist, load_tasks, CrashTest.from_env())
+    else:
+        rows = sweep.run_sweep(given, values, dist, run_one, sweep.load_once(load_tasks))
+        print(sweep.report(rows, given.get("output_dir", Config().output_dir)))
+    return 0
+
+
+def run_one(given: dict[str, Any], dist: Dist, load: Callable[[Config], list[Task]],
+            crash_test: CrashTest) -> dict[str, Any]:
+    """The whole run; returns its results document. Under torchrun (``dist.active``) every
+    rank runs this: every rank checks the flags and reads the same committed files (nothing is
+    written before all of them agree that everything is valid), only rank 0 writes and prints,
+    and an error on any rank stops every rank at the next ``error_barrier`` with that one line
+    and exit 2."""
     defaults = Config()
-    run_dir = RunDir(Path(given.get("output_dir", defaults.output_dir)), CrashTest.from_env())
+    run_dir = RunDir(Path(given.get("output_dir", defaults.output_dir)), crash_test)
     device = dist.start(given.get("use_gpu", False))  # under torchrun: join the process group
     with dist.error_barrier():  # every rank: check flags, files and data; write nothing
-        trainer, state, resumed = start(given, run_dir, device, dist)
+        trainer, state, resumed = start(given, run_dir, device, dist, load)
     with dist.error_barrier():  # rank 0 writes; the others wait for it
         if dist.is_main and not resumed:
             # only now, with data and model known to be good, is anything on disk touched
@@ -120,7 +137,7 @@ def run(given: dict[str, Any], dist: Dist) -> int:
     else:
         print(f"The run in {run_dir.root}/ was already finished: nothing to resume, nothing "
               "written (the report above is its results.json)")
-    return 0
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

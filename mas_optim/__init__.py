@@ -26,6 +26,7 @@ from .reg_params import (
     load_reg_params,
     save_reg_params,
 )
+from .selection import LambdaSelection, select_reg_lambda, stability_decay
 
 __version__ = "0.2.0"
 
@@ -42,4 +43,5 @@ __all__ = [
     "load_reg_params",
     "save_reg_params",
     "__version__",
+    "LambdaSelection", "select_reg_lambda", "stability_decay",
 ]
