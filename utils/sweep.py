@@ -75,10 +75,10 @@ def load_once(load: Callable[[Config], list[Task]]) -> Callable[[Config], list[T
     return load_kept
 
 
-def _plan_flags(given: dict[str, Any]) -> dict[str, Any]:
+def _plan_flags(given: dict[str, Any], values: list[float]) -> dict[str, Any]:
     """The sweep's stored settings but λ, resolved as a single run resolves them (so a bad
-    flag fails here, before anything is written)."""
-    config = Config.from_flags({**given, "reg_lambda": 0.0}).to_dict()
+    flag, with any of the values, fails here, before anything is written)."""
+    config = [Config.from_flags({**given, "reg_lambda": v}).to_dict() for v in values][0]
     return {k: v for k, v in config.items() if v is not None
             and k not in ("reg_lambda", "preprocessing")
             and not (k == "benchmark" and v == FOLDERS)}
@@ -117,7 +117,7 @@ def _new_plan(sweep_dir: RunDir, given: dict[str, Any], values: list[float],
     if given.get("resume") and given.get("overwrite"):
         raise AppError("give either --resume (continue the sweep) or --overwrite (start over)")
     sweep_dir.prepare(create=False)
-    flags = _plan_flags(given)
+    flags = _plan_flags(given, values)
     old = [root / CHECKPOINT, root / PLAN, *(root / name(v) / CHECKPOINT for v in values)]
     if any(p.exists() for p in old) and not given.get("overwrite"):
         raise AppError(f"{root} already holds a run or a sweep: add --resume to continue it, "
