@@ -159,15 +159,15 @@ class Config:
         parse=lambda_search.MARGIN, metavar="P")
     auto_start: float | None = _flag(
         None, "with --reg_lambda auto: the first (highest) lambda tried (default "
-        f"{lambda_search.DEFAULTS['auto_start']:g})", parse=lambda_search.START)
+        f"{lambda_search.DEFAULTS['auto_start']:g})", parse=lambda_search.START, metavar="L")
     auto_factor: float | None = _flag(
         None, "with --reg_lambda auto: lambda is multiplied by this while the validation "
         f"accuracy is too low (default {lambda_search.DEFAULTS['auto_factor']})",
-        parse=lambda_search.FACTOR_OR_FRACTION)
+        parse=lambda_search.FACTOR_OR_FRACTION, metavar="A")
     auto_val_fraction: float | None = _flag(
         None, "with --reg_lambda auto: fraction of each task's training data held out for the "
         f"search (default {lambda_search.DEFAULTS['auto_val_fraction']})",
-        parse=lambda_search.FACTOR_OR_FRACTION)
+        parse=lambda_search.FACTOR_OR_FRACTION, metavar="F")
     auto_fit: str | None = _flag(
         None, "with --reg_lambda auto: search before every task from the second, or before the "
         "second only and keep that lambda (Lee et al. 2024) (default every)",
