@@ -28,7 +28,7 @@ from torch import nn
 
 MARGIN = 0.2  # p, the paper's accuracy-drop margin
 FACTOR = 0.5  # α, the paper's decay factor
-MAX_TRIES = 10  # λ values tried before giving up on the penalty (λ = 0)
+MAX_TRIES = 10  # λ values tried at most (the smallest is kept if none is within the margin)
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,16 @@ class LambdaSelection:
     """The outcome of :func:`stability_decay`.
 
     ``reg_lambda``: the first λ (from the start, decaying) whose validation accuracy reached
-    ``threshold`` = (1 − margin)·``reference_accuracy``; 0.0 when none of ``max_tries`` did.
-    ``tries``: every (λ, validation accuracy) in the order trained, the λ = 0 reference first.
+    ``threshold`` = (1 − margin)·``reference_accuracy``. When none of ``max_tries`` did
+    (``within_margin`` False), the smallest λ tried: the search stops where the paper's loop
+    would go on decaying. ``tries``: every (λ, validation accuracy) in the order trained, the
+    λ = 0 reference first.
     """
 
     reg_lambda: float
     reference_accuracy: float
     threshold: float
+    within_margin: bool
     tries: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -63,19 +66,21 @@ def stability_decay(validation_accuracy: Callable[[float], float], *, start: flo
     """The protocol over ``validation_accuracy(λ)``: train on the new task with penalty
     strength λ from the current model and return the accuracy on the held-out validation split.
     It is called with 0.0 first (A*), then with ``start``, ``start·factor``, ... until an
-    accuracy reaches (1 − ``margin``)·A*, at most ``max_tries`` times after the reference."""
+    accuracy reaches (1 − ``margin``)·A*, at most ``max_tries`` times after the reference.
+    ``validation_accuracy`` must be deterministic in λ for the choice to be reproducible."""
     _check(margin, start, factor, max_tries)
     reference = float(validation_accuracy(0.0))
     threshold = (1.0 - margin) * reference
     tries = [(0.0, reference)]
     reg_lambda = float(start)
-    for _ in range(max_tries):
+    for k in range(max_tries):
+        if k:
+            reg_lambda *= factor
         accuracy = float(validation_accuracy(reg_lambda))
         tries.append((reg_lambda, accuracy))
         if accuracy >= threshold:
-            return LambdaSelection(reg_lambda, reference, threshold, tries)
-        reg_lambda *= factor
-    return LambdaSelection(0.0, reference, threshold, tries)
+            return LambdaSelection(reg_lambda, reference, threshold, True, tries)
+    return LambdaSelection(reg_lambda, reference, threshold, False, tries)
 
 
 def _accuracy(model: nn.Module, batches: Iterable[Any],

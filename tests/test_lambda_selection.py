@@ -24,7 +24,7 @@ def test_decay_stops_at_the_first_lambda_within_the_margin():
 
     chosen = mas_optim.stability_decay(validation_accuracy, start=8.0, margin=0.2, factor=0.5)
     assert calls == [0.0, 8.0, 4.0, 2.0]  # 72 >= 0.8 * 90: stop, 1.0 never trained
-    assert chosen.reg_lambda == 2.0
+    assert chosen.reg_lambda == 2.0 and chosen.within_margin
     assert chosen.reference_accuracy == 90.0 and chosen.threshold == pytest.approx(72.0)
     assert chosen.tries == [(0.0, 90.0), (8.0, 50.0), (4.0, 71.0), (2.0, 72.0)]
 
@@ -34,7 +34,7 @@ def test_decay_accepts_the_start_when_it_is_within_the_margin():
     assert chosen.reg_lambda == 10.0 and len(chosen.tries) == 2
 
 
-def test_decay_gives_zero_after_max_tries_without_success():
+def test_decay_keeps_the_smallest_lambda_tried_when_none_is_within_the_margin():
     calls = []
 
     def validation_accuracy(reg_lambda):
@@ -42,7 +42,8 @@ def test_decay_gives_zero_after_max_tries_without_success():
         return 100.0 if reg_lambda == 0 else 10.0
 
     chosen = mas_optim.stability_decay(validation_accuracy, start=1.0, factor=0.5, max_tries=3)
-    assert calls == [0.0, 1.0, 0.5, 0.25] and chosen.reg_lambda == 0.0
+    assert calls == [0.0, 1.0, 0.5, 0.25]
+    assert chosen.reg_lambda == 0.25 and not chosen.within_margin
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -119,7 +119,7 @@ def split(train: Dataset, fraction: float, seed: int, t: int) -> tuple[Subset, S
 
 def search(trainer: Trainer, state: RunState) -> mas_optim.LambdaSelection:
     """The protocol before the state's task, on its training data alone; logs every try."""
-    from utils.trainer import log
+    from utils.trainer import log  # here: utils.trainer imports this module
 
     cfg, t = trainer.config, state.task
     train, val = split(trainer.tasks[t].train, cfg.auto_val_fraction, cfg.seed, t)
@@ -147,5 +147,7 @@ def search(trainer: Trainer, state: RunState) -> mas_optim.LambdaSelection:
         validation_accuracy, start=cfg.auto_start, margin=cfg.auto_margin,
         factor=cfg.auto_factor)
     log(f"{label}: chose lambda {chosen.reg_lambda:g} (A* {chosen.reference_accuracy:.2f}%, "
-        f"threshold {chosen.threshold:.2f}%, {len(chosen.tries)} trainings)")
+        f"threshold {chosen.threshold:.2f}%, {len(chosen.tries)} trainings"
+        + ("" if chosen.within_margin else "; none reached the threshold: the smallest tried")
+        + ")")
     return chosen
