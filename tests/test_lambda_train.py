@@ -61,6 +61,16 @@ def test_sweep_killed_in_its_second_run_resumes_to_the_same_files(tmp_path, swee
     assert snapshot(out) == snapshot(sweep_run)
 
 
+def test_overwrite_replaces_the_sweep_and_removes_its_runs(tmp_path, sweep_run):
+    import shutil
+    out = tmp_path / "m"
+    shutil.copytree(sweep_run, out)
+    assert run_main([*SMALL, "--reg_lambda", "3", "30", "--overwrite"], out) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lambda_3", "lambda_30", "sweep.json", "sweep.png", "sweep_plan.json"]
+    assert snapshot(out / "lambda_3") == snapshot(sweep_run / "lambda_3")
+
+
 def test_resume_of_a_finished_sweep_changes_nothing(tmp_path, sweep_run):
     import shutil
     out = tmp_path / "m"
@@ -93,6 +103,8 @@ def test_bad_lambda_flags_give_one_line(tmp_path, capsys, args, needle):
     (["--resume", "--reg_lambda", "3"], "holds a sweep of --reg_lambda 0 3, not 3"),
     (["--resume", "--num_epochs", "2"], "--num_epochs 1, not 2"),
     (["--reg_lambda", "0", "3"], "already holds a run or a sweep"),
+    (["--reg_lambda", "0", "3", "--resume", "--overwrite"], "either --resume"),
+    (["--reg_lambda", "3", "--overwrite"], "a single run needs another --output_dir"),
 ])
 def test_a_sweep_folder_refuses_another_sweep(tmp_path, capsys, sweep_run, args, needle):
     import shutil

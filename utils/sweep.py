@@ -43,10 +43,11 @@ def split_flags(given: dict[str, Any]) -> tuple[dict[str, Any], list[float] | No
                        "other values")
     if values is not None and len(set(map(name, values))) < len(values):
         raise AppError(f"--reg_lambda {_show(values)}: a value is given twice")
-    if values is None and not sweep_resumed:
-        return given, None
-    if values is not None and len(values) == 1 and not sweep_resumed:
-        return {**given, "reg_lambda": values[0]}, None
+    if (values is None or len(values) == 1) and not sweep_resumed:
+        if (root / PLAN).exists() and not given.get("resume"):
+            raise AppError(f"{root} holds a sweep ({PLAN}): a single run needs another "
+                           "--output_dir")
+        return given if values is None else {**given, "reg_lambda": values[0]}, None
     if given.get("resume") and not sweep_resumed:
         raise AppError(f"--resume: {root} holds no sweep ({PLAN}); "
                        + ("to resume its single run drop the --reg_lambda values"
@@ -114,8 +115,6 @@ def _new_plan(sweep_dir: RunDir, given: dict[str, Any], values: list[float],
               load: Callable[[Config], list[Task]]) -> dict[str, Any]:
     """Check the flags and the data, then (only then) clear and write the sweep's plan."""
     root = sweep_dir.root
-    if given.get("resume") and given.get("overwrite"):
-        raise AppError("give either --resume (continue the sweep) or --overwrite (start over)")
     sweep_dir.prepare(create=False)
     flags = _plan_flags(given, values)
     old = [root / CHECKPOINT, root / PLAN, *(root / name(v) / CHECKPOINT for v in values)]
@@ -126,11 +125,23 @@ def _new_plan(sweep_dir: RunDir, given: dict[str, Any], values: list[float],
     plan = {"reg_lambda": values, "flags": flags}
     sweep_dir.prepare(create=True)
     if given.get("overwrite"):
-        sweep_dir.clear()
-        for rel in (PLAN, SWEEP, SWEEP_PLOT):
-            sweep_dir.path(rel).unlink(missing_ok=True)
+        _clear(sweep_dir)
     sweep_dir.write(PLAN, (json.dumps(plan, indent=2) + "\n").encode())
     return plan
+
+
+def _clear(sweep_dir: RunDir) -> None:
+    """--overwrite: remove the runs of the sweep planned in the folder (only the files this
+    program writes), its own files, and a single run's files."""
+    if sweep_dir.path(PLAN).exists():
+        for value in _read_plan(sweep_dir.path(PLAN))["reg_lambda"]:
+            folder = sweep_dir.path(name(value))
+            RunDir(folder, sweep_dir.crash_test).clear()
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    sweep_dir.clear()
+    for rel in (PLAN, SWEEP, SWEEP_PLOT):
+        sweep_dir.path(rel).unlink(missing_ok=True)
 
 
 def run_sweep(given: dict[str, Any], values: list[float], dist: Dist, run_one: RunOne,
@@ -139,6 +150,8 @@ def run_sweep(given: dict[str, Any], values: list[float], dist: Dist, run_one: R
     if dist.active:
         raise AppError("a --reg_lambda sweep runs in one process: start it without torchrun "
                        "(or run one lambda per torchrun)")
+    if given.get("resume") and given.get("overwrite"):
+        raise AppError("give either --resume (continue the sweep) or --overwrite (start over)")
     crash_test = CrashTest.from_env()  # one count of kill points over the whole sweep
     sweep_dir = RunDir(Path(given.get("output_dir", Config().output_dir)), crash_test)
     resumed = bool(given.get("resume"))
