@@ -14,13 +14,13 @@ from helpers import ROOT, results, run_main, snapshot
 # A sweep small enough for the suite: 5 tasks x 1 epoch, an MLP of width 8.
 SMALL = ["--num_epochs", "1", "--hidden", "8"]
 VALUES = ["0", "3"]
-# docs/lambda.md, "The test's band": split-digits with these flags, seed 0. The best point of
-# the grid --reg_lambda 0 1 10 100 1000 was lambda 1 (95.53%); auto (fit on task 2, margin
-# 0.05) was XX below it over seeds 0-2; the band adds about two standard deviations.
+# docs/lambda.md, "The tests' band": split-digits with these flags. The best point of the grid
+# --reg_lambda 0 1 10 100 1000 was lambda 1 for seeds 0-2 (seed 0: 95.53%); auto fitted on
+# task 2 with margin 0.05 ended 0.96, 4.10 and 2.80 points below each seed's best.
 AUTO_SETTING = ["--num_epochs", "3", "--hidden", "64"]
 AUTO_FLAGS = ["--auto_margin", "0.05", "--auto_fit", "first"]
 BEST_GRID_ACC = 95.53
-BAND_PP = 3.0
+BAND_PP = 4.5  # the worst of the three seeds (4.10) and some room for another CPU's rounding
 
 
 @pytest.fixture(scope="module")
