@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,7 +54,7 @@ def test_sweep_killed_in_its_second_run_resumes_to_the_same_files(tmp_path, swee
     env = {"MAS_OPTIM_KILL_AT": "after-task:7"}  # one count over the sweep: run 2, task 2
     cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, "--reg_lambda", *VALUES,
            "--output_dir", str(out)]
-    done = subprocess.run(cmd, env={**__import__("os").environ, **env}, cwd=ROOT,
+    done = subprocess.run(cmd, env={**os.environ, **env}, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert len(json.loads((out / "sweep.json").read_text())) == 1
@@ -62,7 +64,6 @@ def test_sweep_killed_in_its_second_run_resumes_to_the_same_files(tmp_path, swee
 
 
 def test_overwrite_replaces_the_sweep_and_removes_its_runs(tmp_path, sweep_run):
-    import shutil
     out = tmp_path / "m"
     shutil.copytree(sweep_run, out)
     assert run_main([*SMALL, "--reg_lambda", "3", "30", "--overwrite"], out) == 0
@@ -72,7 +73,6 @@ def test_overwrite_replaces_the_sweep_and_removes_its_runs(tmp_path, sweep_run):
 
 
 def test_resume_of_a_finished_sweep_changes_nothing(tmp_path, sweep_run):
-    import shutil
     out = tmp_path / "m"
     shutil.copytree(sweep_run, out)
     assert run_main(["--resume", "--reg_lambda", *VALUES], out) == 0
@@ -107,7 +107,6 @@ def test_bad_lambda_flags_give_one_line(tmp_path, capsys, args, needle):
     (["--reg_lambda", "3", "--overwrite"], "a single run needs another --output_dir"),
 ])
 def test_a_sweep_folder_refuses_another_sweep(tmp_path, capsys, sweep_run, args, needle):
-    import shutil
     out = tmp_path / "m"
     shutil.copytree(sweep_run, out)
     assert run_main(args, out) == 2
