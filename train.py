@@ -30,9 +30,10 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from utils import AppError
+from utils import sweep
 from utils.checkpoint import (CHECKPOINT, PLOT, REG_PARAMS, RESULTS, SHARED, CrashTest, RunDir,
                               RunState)
 from utils.config import FOLDERS, SMALL_IMAGE_ARCH, SMALL_IMAGE_PX, Config, build_parser
@@ -40,6 +41,7 @@ from utils.data import Task, permuted_digits, split_digits, split_mnist
 from utils.distributed import Dist, is_everywhere
 from utils.evaluate import report
 from utils.folders import image_folder_tasks, image_side
+from utils.lambda_search import AUTO
 from utils.trainer import Trainer, log
 
 
@@ -71,8 +73,8 @@ def with_default_backbone(given: dict[str, Any]) -> dict[str, Any]:
     return {**given, "arch": SMALL_IMAGE_ARCH}
 
 
-def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
-          ) -> tuple[Trainer, RunState, bool]:
+def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist,
+          load: Callable[[Config], list[Task]] = load_tasks) -> tuple[Trainer, RunState, bool]:
     """Check the flags, the files and the data (every rank; nothing is written): the trainer,
     the committed state to continue from (a new one for a new run) and whether it is resumed."""
     if given.get("resume") and given.get("overwrite"):
@@ -89,10 +91,12 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
         if run_dir.path(CHECKPOINT).exists() and not config.overwrite:
             raise AppError(f"{run_dir.root} already holds a run ({CHECKPOINT}): add --resume to "
                            "continue it, --overwrite to start over, or pick another --output_dir")
+    if config.reg_lambda == AUTO and dist.active:
+        raise AppError("--reg_lambda auto searches in one process: start it without torchrun")
     if config.fsdp and not dist.active:
         raise AppError("--fsdp shards the model over processes: start train.py under torchrun "
                        "(torchrun --standalone --nproc_per_node N train.py --fsdp ...)")
-    tasks = load_tasks(config)
+    tasks = load(config)
     if state is not None and ([t.name for t in tasks] != state.tasks
                               or [t.classes for t in tasks] != state.classes):
         raise AppError(f"--resume: the tasks found now differ from those of the run in "
@@ -104,13 +108,27 @@ def start(given: dict[str, Any], run_dir: RunDir, device: Any, dist: Dist
 
 
 def run(given: dict[str, Any], run_dir: RunDir, dist: Dist) -> int:
-    """The whole run. Under torchrun (``dist.active``) every rank runs this: every rank checks
-    the flags and reads the same committed files (nothing is written before all of them agree
-    that everything is valid), only rank 0 writes and prints, and an error on any rank stops
-    every rank at the next ``error_barrier`` with that one line and exit 2."""
+    """One run in ``run_dir``, or with several --reg_lambda values a sweep of them, one run
+    each in ``run_dir/lambda_<value>/`` (``utils/sweep.py``)."""
+    given, values = sweep.split_flags(given)
+    if values is None:
+        run_one(given, dist, load_tasks, run_dir)
+    else:
+        rows = sweep.run_sweep(given, values, dist, run_one, sweep.load_once(load_tasks))
+        print(sweep.report(rows, str(run_dir.root)))
+    return 0
+
+
+def run_one(given: dict[str, Any], dist: Dist, load: Callable[[Config], list[Task]],
+            run_dir: RunDir) -> dict[str, Any]:
+    """The whole run; returns its results document. Under torchrun (``dist.active``) every
+    rank runs this: every rank checks the flags and reads the same committed files (nothing is
+    written before all of them agree that everything is valid), only rank 0 writes and prints,
+    and an error on any rank stops every rank at the next ``error_barrier`` with that one line
+    and exit 2."""
     device = dist.start(given.get("use_gpu", False))  # under torchrun: join the process group
     with dist.error_barrier():  # every rank: check flags, files and data; write nothing
-        trainer, state, resumed = start(given, run_dir, device, dist)
+        trainer, state, resumed = start(given, run_dir, device, dist, load)
     with dist.error_barrier():  # rank 0 writes; the others wait for it
         if dist.is_main and not resumed:
             # only now, with data and model known to be good, is anything on disk touched
@@ -138,13 +156,13 @@ def run(given: dict[str, Any], run_dir: RunDir, dist: Dist) -> int:
     else:
         print(f"The run in {run_dir.root}/ was already finished: nothing to resume, nothing "
               "written (the report above is its results.json)")
-    return 0
+    return doc
 
 
 def interrupted(given: dict[str, Any], run_dir: RunDir, dist: Dist) -> str:
-    """The line after Ctrl-C: the exact command that continues the run, or, before the run's
-    first commit, that there is nothing to resume."""
-    if not run_dir.committed:
+    """The line after Ctrl-C: the exact command that continues the run (or the sweep), or,
+    before the run's first commit, that there is nothing to resume."""
+    if not run_dir.committed and not run_dir.path(sweep.PLAN).exists():  # a sweep resumes whole
         return ("interrupted before the run's first checkpoint: nothing to resume; run the same "
                 "command again")
     # flags that are not stored with the run must be given again; the stored ones come from it

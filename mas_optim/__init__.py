@@ -31,10 +31,12 @@ from .reg_params import (
     load_reg_params,
     save_reg_params,
 )
+from .selection import LambdaSelection, select_reg_lambda, stability_decay
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "LambdaSelection",
     "LocalSgd",
     "MasPenalty",
     "OmegaSgd",
@@ -48,5 +50,7 @@ __all__ = [
     "init_reg_params",
     "load_reg_params",
     "save_reg_params",
+    "select_reg_lambda",
+    "stability_decay",
     "__version__",
 ]

@@ -40,6 +40,7 @@ RESULTS = "results.json"
 PLOT = "accuracy.png"
 CHECKPOINT_VERSION = 1
 Tensors = dict[str, torch.Tensor]
+OPTIONAL = ("lambdas",)  # RunState entries that checkpoints of earlier versions lack
 RegParams = dict[str, Tensors]
 
 
@@ -158,6 +159,8 @@ class RunState:
     scheduler: dict[str, Any] | None = None
     acc_matrix: list[list[float]] = field(default_factory=list)  # row i: after task i
     version: int = CHECKPOINT_VERSION
+    # --reg_lambda auto: the λ chosen for each task started (None: task 1, no penalty)
+    lambdas: list[float | None] = field(default_factory=list)
 
     def after_epoch(self, **changes: Any) -> "RunState":
         return replace(self, epoch=self.epoch + 1, **changes)
@@ -185,7 +188,7 @@ class RunState:
         if not isinstance(obj, dict):
             return f"holds a {type(obj).__name__}, expected a dict"
         names = [f.name for f in fields(cls)]
-        missing = [k for k in names if k not in obj]
+        missing = [k for k in names if k not in obj and k not in OPTIONAL]
         if missing:
             return f"missing {', '.join(missing)}"
         unknown = sorted(map(str, set(obj) - set(names)))
@@ -205,6 +208,10 @@ class RunState:
             return f"epoch {obj['epoch']!r} is not a count"
         if len(obj["heads"]) != obj["task"] or len(obj["acc_matrix"]) != obj["task"]:
             return "heads/accuracy rows do not match the number of finished tasks"
+        lambdas = obj.get("lambdas", [])
+        if not (isinstance(lambdas, list) and len(lambdas) <= obj["task"] + 1 and all(
+                v is None or type(v) is float and v >= 0 for v in lambdas)):
+            return "lambdas is not a list of chosen lambdas, one per task started"
         if not all(is_tensor_dict(h) for h in [obj["shared"], *obj["heads"], obj["head"] or {}]):
             return "the shared weights or a head is not a tensor dict"
         if any(not isinstance(row, list) or len(row) != i + 1

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from mas_optim.reg_params import parse_accumulate
 from model_class import ARCHS
 from utils import AppError
+from utils import lambda_search
 from utils.data import BENCHMARKS
 from utils.folders import AUGMENTS, DEFAULT_CACHE_MB, NORMALIZATIONS
 from utils.methods import METHODS
@@ -101,13 +102,15 @@ def _accumulate(text: str) -> str | float:
 
 def _flag(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
           choices: tuple[str, ...] | None = None, metavar: str | None = None,
-          stored: bool = True, aliases: dict[str, Any] | None = None) -> Any:
+          stored: bool = True, aliases: dict[str, Any] | None = None,
+          nargs: str | None = None) -> Any:
     """A field that is a command-line flag. ``stored``: it determines the result, so it is saved
     with the run, written to results.json and must not change on --resume. ``aliases``: extra
-    flags that set this field to a fixed value (``{"--proximal": "proximal"}``)."""
+    flags that set this field to a fixed value (``{"--proximal": "proximal"}``). ``nargs``:
+    argparse's (the parsed value is then a list)."""
     return field(default=default, metadata=dict(help=help, parse=parse, choices=choices,
                                                 metavar=metavar, stored=stored,
-                                                aliases=aliases or {}))
+                                                aliases=aliases or {}, nargs=nargs))
 
 
 POSITIVE_INT, COUNT = _number(int, 0, True), _number(int, 0, False)
@@ -165,9 +168,31 @@ class Config:
     init_lr: float | None = _flag(
         None, f"initial learning rate, x{LR_GAMMA} every {LR_STEP_EPOCHS} epochs (adam/adamw: "
         f"{ADAPTIVE_LR})", parse=POSITIVE)
-    reg_lambda: float | None = _flag(
+    reg_lambda: float | str | None = _flag(
         None, "MAS penalty strength lambda in lambda*sum(Omega*(theta-theta*)^2); 0 is plain "
-        "fine-tuning", parse=NON_NEGATIVE)
+        "fine-tuning; 'auto' chooses it per task on a validation split of the task's training "
+        "data (De Lange et al. 2021); several values run a sweep, one run each in "
+        "OUTPUT_DIR/lambda_<value>/, with sweep.json and sweep.png",
+        parse=lambda_search.parse_lambda, metavar="LAMBDA", nargs="+")
+    auto_margin: float | None = _flag(
+        None, "with --reg_lambda auto: accept the first lambda whose validation accuracy is at "
+        f"least (1 - P) x that of fine-tuning (default {lambda_search.DEFAULTS['auto_margin']})",
+        parse=lambda_search.MARGIN, metavar="P")
+    auto_start: float | None = _flag(
+        None, "with --reg_lambda auto: the first (highest) lambda tried (default "
+        f"{lambda_search.DEFAULTS['auto_start']:g})", parse=lambda_search.START, metavar="L")
+    auto_factor: float | None = _flag(
+        None, "with --reg_lambda auto: lambda is multiplied by this while the validation "
+        f"accuracy is too low (default {lambda_search.DEFAULTS['auto_factor']})",
+        parse=lambda_search.FACTOR_OR_FRACTION, metavar="A")
+    auto_val_fraction: float | None = _flag(
+        None, "with --reg_lambda auto: fraction of each task's training data held out for the "
+        f"search (default {lambda_search.DEFAULTS['auto_val_fraction']})",
+        parse=lambda_search.FACTOR_OR_FRACTION, metavar="F")
+    auto_fit: str | None = _flag(
+        None, "with --reg_lambda auto: search before every task from the second, or before the "
+        "second only and keep that lambda (Lee et al. 2024) (default every)",
+        choices=lambda_search.FITS)
     penalty_step: str | None = _flag(
         None, "how the penalty is applied. --optimizer sgd: proximal (the default: torch's SGD "
         "step on the task loss, then the penalty's exact proximal map; stable for any "
@@ -233,7 +258,8 @@ class Config:
             raise AppError("--pretrained holds AlexNet weights: use it with --arch alexnet")
         by_arch = {k: v for k, v in ARCH_DEFAULTS[arch].items()
                    if k not in FOLDERS_ONLY or benchmark == FOLDERS}
-        values = {**asdict(preset), **by_arch, **given, "benchmark": benchmark, "arch": arch}
+        values = lambda_search.settle(
+            {**asdict(preset), **by_arch, **given, "benchmark": benchmark, "arch": arch})
         if not METHODS[values.get("method", "mas")].penalty:
             if given.get("reg_lambda"):
                 raise AppError(f"--method {values['method']} has no penalty: drop --reg_lambda")
@@ -289,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=meta["parse"], choices=meta["choices"],
-                                metavar=meta["metavar"], help=help_text)
+                                metavar=meta["metavar"], nargs=meta["nargs"], help=help_text)
         for alias, value in meta["aliases"].items():
             parser.add_argument(alias, dest=f.name, action="store_const", const=value,
                                 help=f"the same as --{f.name} {value}")

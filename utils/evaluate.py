@@ -44,15 +44,17 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device,
     return round(100.0 * correct / max(total, 1), 4)
 
 
-def results(tasks: list[str], acc_matrix: list[list[float]], config: dict[str, Any]
-            ) -> dict[str, Any]:
+def results(tasks: list[str], acc_matrix: list[list[float]], config: dict[str, Any],
+            lambdas: list[float | None] | None = None) -> dict[str, Any]:
     """The ``results.json`` document for the tasks finished so far.
 
     ``acc_matrix[i][j]`` is the accuracy on task j after training task i (j <= i).
+    ``lambdas`` (``--reg_lambda auto``): the λ chosen per task, as ``reg_lambda_per_task``.
     """
     done = len(acc_matrix)
     final = list(acc_matrix[-1]) if acc_matrix else []
     forgetting = [round(acc_matrix[j][j] - final[j], 4) for j in range(done)]
+    chosen = {"reg_lambda_per_task": lambdas[:done]} if lambdas else {}
     return {
         "tasks": tasks[:done],
         "acc_matrix": [list(row) for row in acc_matrix],
@@ -61,6 +63,7 @@ def results(tasks: list[str], acc_matrix: list[list[float]], config: dict[str, A
         "avg_acc": round(sum(final) / done, 4) if done else None,
         "avg_forgetting": round(sum(forgetting[:-1]) / (done - 1), 4) if done > 1 else None,
         "config": config,
+        **chosen,
     }
 
 
@@ -81,6 +84,9 @@ def report(doc: dict[str, Any]) -> str:
     lines.append(f"Scenario {scenario}: {DESCRIPTIONS[scenario]}")
     lines.append(f"Average accuracy {doc['avg_acc']:.2f}%, average forgetting "
                  f"{'n/a' if avg_f is None else f'{avg_f:.2f}pp'} (over all but the last task)")
+    if "reg_lambda_per_task" in doc:
+        lines.append("Lambda chosen per task (--reg_lambda auto): " + ", ".join(
+            "-" if v is None else f"{v:g}" for v in doc["reg_lambda_per_task"]))
     return "\n".join(lines)
 
 

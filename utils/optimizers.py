@@ -49,17 +49,18 @@ def check_sharding(config: Any) -> None:
 
 
 def build_optimizer(config: Any, named: list[tuple[str, nn.Parameter]], reg_params: Any,
-                    track_path_integral: bool
+                    reg_lambda: float, track_path_integral: bool
                     ) -> tuple[torch.optim.Optimizer, Callable[[], torch.Tensor]]:
     """The task's optimizer over the ``named`` trainable parameters, and the function that
-    gives the MAS penalty's current value (for the log)."""
+    gives the MAS penalty's current value (for the log). ``reg_lambda`` is this task's λ (a
+    number: ``--reg_lambda auto`` has chosen it by now)."""
     if config.optimizer == "sgd":
-        sgd = mas_optim.LocalSgd(named, reg_params=reg_params, reg_lambda=config.reg_lambda,
+        sgd = mas_optim.LocalSgd(named, reg_params=reg_params, reg_lambda=reg_lambda,
                                  lr=config.init_lr, momentum=MOMENTUM,
                                  proximal=config.penalty_step == "proximal",
                                  track_path_integral=track_path_integral)
         return sgd, sgd.penalty
     kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     adaptive = kind(named, lr=config.init_lr)
-    penalty = mas_optim.add_mas_penalty(adaptive, reg_params, config.reg_lambda)
+    penalty = mas_optim.add_mas_penalty(adaptive, reg_params, reg_lambda)
     return adaptive, penalty.penalty

@@ -27,7 +27,7 @@ from utils.config import LR_GAMMA, LR_STEP_EPOCHS, Config
 from utils.data import Task, derived_seed, fixed_shard, train_shard
 from utils.distributed import Dist, everywhere
 from utils.evaluate import accuracy, plot, results, results_json
-from utils import fsdp
+from utils import fsdp, lambda_search
 from utils.methods import METHODS, AfterTask
 from utils.omega_data import OmegaInputs
 from utils.optimizers import build_optimizer, check_sharding
@@ -78,10 +78,11 @@ class Trainer:
                         export(self.run_dir, state)
         while state.task < len(self.tasks):
             state = self.train_task(state)
-        return results(state.tasks, state.acc_matrix, self.config.to_dict())
+        return results(state.tasks, state.acc_matrix, self.config.to_dict(), state.lambdas)
 
     def train_task(self, state: RunState) -> RunState:
         cfg, t = self.config, state.task
+        state = lambda_search.before_task(self, state)  # --reg_lambda auto: choose this task's
         with self.dist.error_barrier():
             model, optimizer, penalty, scheduler, reg_params = self.restore(state)
         # DDP under torchrun: it averages the task gradient (FSDP, the model itself, does too)
@@ -189,6 +190,7 @@ class Trainer:
             model.to(self.device)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimizer, penalty = build_optimizer(cfg, trainable, reg_params,
+                                             lambda_search.lambda_of(cfg.reg_lambda, state),
                                              self.method.track_path_integral)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
         if state.optimizer is not None:
@@ -333,7 +335,7 @@ def export(run_dir: RunDir, state: RunState) -> None:
         run_dir.write(f"{folder}/performance.txt", f"{state.acc_matrix[k][k]:.4f}\n".encode())
     run_dir.write_reg_params(state.reg_params)
     run_dir.write(SHARED, to_bytes(state.shared))
-    doc = results(state.tasks, state.acc_matrix, state.config)
+    doc = results(state.tasks, state.acc_matrix, state.config, state.lambdas)
     run_dir.write(RESULTS, results_json(doc))
     if state.task == len(state.tasks):
         run_dir.write(PLOT, plot(doc))
