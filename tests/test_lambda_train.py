@@ -140,3 +140,14 @@ def test_auto_records_the_lambda_chosen_per_task(auto_run):
 
 def test_auto_lands_within_the_band_of_the_best_grid_point(auto_run):
     assert results(auto_run)["avg_acc"] >= BEST_GRID_ACC - BAND_PP
+
+
+@pytest.mark.parametrize("scenario", ["domain", "class"])
+def test_auto_runs_under_the_single_head_scenarios(scenario, tmp_path):
+    # the search trains on the labels the scenario uses (a class-incremental head over the
+    # union), not relabelled a second time
+    out = tmp_path / "m"
+    assert run_main([*SMALL, "--scenario", scenario, "--reg_lambda", "auto", *AUTO_FLAGS],
+                    out) == 0
+    chosen = results(out)["reg_lambda_per_task"]
+    assert chosen[0] is None and all(c is not None and c > 0 for c in chosen[1:])

@@ -132,12 +132,13 @@ def search(trainer: Trainer, state: RunState) -> mas_optim.LambdaSelection:
         sub = type(trainer)(replace(cfg, reg_lambda=reg_lambda), tasks,
                             RunDir(trainer.run_dir.root, CrashTest(None)), trainer.device,
                             trainer.dist)
+        sub.tasks = tasks  # already as --scenario trains them: not relabelled a second time
         cuda = [trainer.device] if trainer.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(derived_seed(cfg.seed, "search", t))
-            model, optimizer, scheduler, _ = sub.restore(state)
+            model, optimizer, penalty, scheduler, _ = sub.restore(state)
             for epoch in range(cfg.num_epochs):
-                sub.train_epoch(model, optimizer, t, epoch, label)
+                sub.train_epoch(model, optimizer, penalty, t, epoch, label)
                 scheduler.step()
         acc = accuracy(model, make_loader(val, cfg.batch_size), trainer.device)
         log(f"{label}: lambda {reg_lambda:g}, validation accuracy {acc:.2f}%")
