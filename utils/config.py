@@ -76,7 +76,7 @@ SMALL_IMAGE_PX = 64
 SMALL_IMAGE_ARCH = "mlp"
 # How long `python train.py` takes, in --help, README.md and docs/train.md alike (the measured
 # runs and their spread are on the speed page, docs/speed.md)
-DEFAULT_RUN_TIME = "about 20 s on an idle 2-core CPU, minutes on a busy one"
+DEFAULT_RUN_TIME = "about 11 s on an idle 2-core CPU, minutes on a busy one"
 FOLDERS_ONLY = ("image_size", "augment", "normalize")  # settings of --data_dir images
 PENALTY_STEPS = ("proximal", "gradient")
 
