@@ -139,3 +139,18 @@ def test_the_resume_command_after_ctrl_c_repeats_the_flags_the_run_does_not_stor
         f"train.py: interrupted; continue with: {command}"]
     monkeypatch.setattr(Trainer, "run", real)
     assert train.main(shlex.split(command)[2:]) == 0
+
+
+def test_a_mid_task_checkpoint_holds_omega_and_theta_star_once(tmp_path):
+    from helpers import run_cli
+    from utils.checkpoint import CHECKPOINT, RunState
+    from utils.fsdp import MAS_STATE_KEYS
+
+    out = tmp_path / "m"
+    # killed after task 2's first epoch: the checkpoint holds its optimizer state
+    done = run_cli(FAST, out, env={"MAS_OPTIM_KILL_AT": "after-epoch:3"})
+    assert done.returncode == -9, done.stderr
+    state = RunState.load(out / CHECKPOINT)
+    assert state.task == 1 and state.reg_params
+    saved = {key for entry in state.optimizer["state"].values() for key in entry}
+    assert "momentum_buffer" in saved and not saved & set(MAS_STATE_KEYS)

@@ -46,7 +46,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model_class import TaskModel
 
-__all__ = ["all_finite", "even_batches", "full_optimizer_state", "full_state",
+# Ω and θ* in the state dict of mas_optim's optimizers (docs/speed.md, "The penalty in the
+# optimizer's checkpoint")
+MAS_STATE_KEYS = ("mas_omega", "mas_init_val")
+
+__all__ = ["MAS_STATE_KEYS", "all_finite", "even_batches", "full_optimizer_state", "full_state",
            "shard_optimizer_state_like", "shard_task_model"]
 
 
@@ -96,7 +100,9 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` with every tensor a full, plain CPU copy: what
     ``optimizer.state_dict()`` of the same optimizer without FSDP would hold (LocalSgd's
     momentum buffers and path-integral tensors, keyed by parameter index, with the
-    ``param_names`` of each group).
+    ``param_names`` of each group), less the Ω and θ* the MAS penalty keeps in the optimizer's
+    state (``MAS_STATE_KEYS``): the run state holds them once, as its reg_params, and the
+    optimizer of a resumed task is built with those.
 
     Collective when the optimizer holds ``DTensor`` state (a sharded model's): every rank calls
     it; each receives the same full state.
@@ -104,9 +110,10 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     saved = optimizer.state_dict()
     # Sorted: every rank gathers the same tensors in the same order, so the collectives pair up.
     state = {index: {key: _full_cpu(v) if isinstance(v, Tensor) else v
-                     for key, v in sorted(entry.items())}
+                     for key, v in sorted(entry.items()) if key not in MAS_STATE_KEYS}
              for index, entry in sorted(saved["state"].items())}
-    return {"state": state, "param_groups": saved["param_groups"]}
+    return {"state": {i: entry for i, entry in state.items() if entry},
+            "param_groups": saved["param_groups"]}
 
 
 def shard_optimizer_state_like(state_dict: Mapping[str, Any],

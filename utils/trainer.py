@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -195,8 +196,10 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_STEP_EPOCHS, LR_GAMMA)
         if state.optimizer is not None:
             try:  # a state dict of other parameter groups: ValueError; a malformed one: KeyError
-                optimizer.load_state_dict(
-                    fsdp.shard_optimizer_state_like(state.optimizer, optimizer))
+                with warnings.catch_warnings():  # Ω/θ* come from reg_params (not saved twice)
+                    warnings.filterwarnings("ignore", message=".*carries no Ω/θ\\*")
+                    optimizer.load_state_dict(
+                        fsdp.shard_optimizer_state_like(state.optimizer, optimizer))
                 scheduler.load_state_dict(state.scheduler)
             except (ValueError, KeyError) as exc:
                 raise self.does_not_fit(f"optimizer state: {exc}") from None
