@@ -146,4 +146,5 @@ def rank_main(run) -> None:
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
+    dist.barrier()  # both ranks past their last collective before either tears the group down
     dist.destroy_process_group()

@@ -41,6 +41,9 @@ def worker(rank, world, port, out_dir, job):
                             timeout=datetime.timedelta(seconds=60))
     try:
         job(rank, out_dir)
+        # both ranks are past their last collective before either tears the group down (a
+        # rank that closes its connections while the other still uses them can abort it)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
