@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from helpers import FAST, ROOT, results, run_main, snapshot
+from helpers import FAST, ROOT, results, run_cli, run_main, snapshot
 
 # Each point is hit in a Split Digits run of 5 tasks x 2 epochs (checkpoint writes: 1 initial,
 # then per task 2 epochs + 1 task commit). The very first checkpoint write is left out: a run
@@ -63,15 +63,20 @@ def test_killed_again_while_resuming(tmp_path, finished_run):
     _assert_identical(out, finished_run)
 
 
+def _wait_for_first_checkpoint(out, proc) -> None:
+    """Until the run in ``out`` has committed its first checkpoint (or ended)."""
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint.pth").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_kill_at_a_random_moment_then_resume_identically(tmp_path, finished_run):
     seed = random.randrange(1 << 30)
     delay = random.Random(seed).uniform(0.0, 1.5)
     out = tmp_path / "m"
     proc = _start(out, None)
-    deadline = time.monotonic() + 60
-    while not (out / "checkpoint.pth").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_for_first_checkpoint(out, proc)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -88,10 +93,7 @@ def test_ctrl_c_prints_the_resume_command_and_exits_130(tmp_path, finished_run):
 
     out = tmp_path / "m"
     proc = _start(out, None)
-    deadline = time.monotonic() + 60
-    while not (out / "checkpoint.pth").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_for_first_checkpoint(out, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -142,7 +144,6 @@ def test_the_resume_command_after_ctrl_c_repeats_the_flags_the_run_does_not_stor
 
 
 def test_a_mid_task_checkpoint_holds_omega_and_theta_star_once(tmp_path):
-    from helpers import run_cli
     from utils.checkpoint import CHECKPOINT, RunState
     from utils.fsdp import MAS_STATE_KEYS
 
