@@ -158,7 +158,7 @@ class LocalSgd(torch.optim.SGD):
         super().load_state_dict(state_dict)
         if found is not None:
             self.reg_params = found
-        else:
+        elif self._reg_params:  # with none on either side there is nothing to keep or lose
             warnings.warn(f"LocalSgd.load_state_dict: the state dict carries no Ω/θ* (saved "
                           f"without the MAS penalty); keeping this optimizer's reg_params "
                           f"({len(self._reg_params)} entries)", UserWarning, stacklevel=2)

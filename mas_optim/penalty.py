@@ -137,11 +137,11 @@ class MasPenalty:
 
     def _load(self, optimizer, state_dict):
         state_dict, found = take_entries(state_dict, optimizer.param_groups, self._names)
-        if found is None:
+        if found is None and self._reg_params:  # with none on either side: nothing to keep
             warnings.warn("optimizer.load_state_dict: the state dict carries no Ω/θ* (saved "
                           "without the MAS penalty); keeping add_mas_penalty's reg_params "
                           f"({len(self._reg_params)} entries)", UserWarning, stacklevel=3)
-        else:
+        elif found is not None:
             self.reg_params = found
         return state_dict
 

@@ -314,3 +314,12 @@ def test_what_is_not_an_optimizer_is_refused_in_one_line():
     with pytest.raises(TypeError, match=r"^add_mas_penalty needs a torch.optim.Optimizer, got "
                                         r"dict: pass the torch optimizer it wraps$"):
         add_mas_penalty({"lr": 0.1}, {})
+
+
+def test_a_state_dict_without_the_penalty_is_silent_when_there_is_nothing_to_keep(recwarn):
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    mas = add_mas_penalty(opt, None, reg_lambda=0.7)
+    opt.load_state_dict(torch.optim.AdamW(make_mlp().named_parameters(), lr=0.01).state_dict())
+    assert not [w for w in recwarn if "carries no" in str(w.message)]
+    assert not mas.reg_params

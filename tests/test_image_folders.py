@@ -272,3 +272,17 @@ def test_images_of_64_px_and_more_keep_alexnet_the_original_default(tmp_path):
     assert "arch" not in train.with_default_backbone({"data_dir": small, "image_size": 64})
     given = {"data_dir": small, "arch": "cnn"}
     assert train.with_default_backbone(given) == given  # a given --arch is kept
+
+
+def test_auto_lambda_validation_split_is_read_without_the_training_flip(tmp_path):
+    from utils.lambda_search import split
+
+    task = image_folder_tasks(str(write_png_tasks(tmp_path / "d", "L")), 6, arch="mlp",
+                              augment="flip")[0]
+    train, val = split(task.train, 0.5, seed=0, t=0)
+    torch.manual_seed(0)
+    for _ in range(10):  # the held-out images: never mirrored; the rest still are at random
+        for j, i in enumerate(val.indices):
+            plain = _normalised(task.train.samples[i][0], task.preprocessing)
+            assert torch.allclose(val[j][0], plain, atol=1e-6)
+    assert train.dataset.flip and not val.dataset.flip

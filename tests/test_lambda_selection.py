@@ -1,5 +1,6 @@
 """mas_optim.stability_decay / select_reg_lambda against De Lange et al.'s protocol (TPAMI 2021,
-Algorithm 1): A* with λ = 0, then λ = start, start·α, ... until accuracy >= (1 − p)·A*."""
+Algorithm 1): A* with λ = 0, then λ = start, start·α, ... until the validation score (accuracy,
+or the likelihood exp(−mean cross-entropy)) >= (1 − p)·A*."""
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,7 @@ def test_decay_stops_at_the_first_lambda_within_the_margin():
     chosen = mas_optim.stability_decay(validation_accuracy, start=8.0, margin=0.2, factor=0.5)
     assert calls == [0.0, 8.0, 4.0, 2.0]  # 72 >= 0.8 * 90: stop, 1.0 never trained
     assert chosen.reg_lambda == 2.0 and chosen.within_margin
-    assert chosen.reference_accuracy == 90.0 and chosen.threshold == pytest.approx(72.0)
+    assert chosen.reference == 90.0 and chosen.threshold == pytest.approx(72.0)
     assert chosen.tries == [(0.0, 90.0), (8.0, 50.0), (4.0, 71.0), (2.0, 72.0)]
 
 
@@ -75,9 +76,10 @@ def _toy():
     return model, reg_params, train, [(x[32:], y[32:])]
 
 
-def _reference_accuracy(model, reg_params, train, val, reg_lambda, epochs):
+def _reference_score(model, reg_params, train, val, reg_lambda, epochs, measure):
     """The protocol's 'train with λ from the current model, measure on validation', written
-    out: SGD on loss + λ Σ Ω (θ − θ*)² through autograd, on a copy."""
+    out: SGD on loss + λ Σ Ω (θ − θ*)² through autograd, on a copy; the accuracy, or the
+    likelihood as the formula says (the mean probability of the correct class, geometric)."""
     net = copy.deepcopy(model).double()
     omega = {n: e["omega"].double() for n, e in reg_params.items()}
     star = {n: e["init_val"].double() for n, e in reg_params.items()}
@@ -90,10 +92,15 @@ def _reference_accuracy(model, reg_params, train, val, reg_lambda, epochs):
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return 100.0 * float((net(val[0][0].double()).argmax(1) == val[0][1]).float().mean())
+        logits = net(val[0][0].double())
+    if measure == "accuracy":
+        return 100.0 * float((logits.argmax(1) == val[0][1]).float().mean())
+    p_correct = torch.softmax(logits, 1).gather(1, val[0][1][:, None]).nan_to_num(0.0)
+    return 100.0 * float(p_correct.prod() ** (1.0 / len(p_correct)))
 
 
-def test_select_reg_lambda_follows_the_protocol_on_a_toy_model():
+@pytest.mark.parametrize("measure", ["likelihood", "accuracy"])
+def test_select_reg_lambda_follows_the_protocol_on_a_toy_model(measure):
     model, reg_params, train, val = _toy()
     before = {n: p.clone() for n, p in model.state_dict().items()}
 
@@ -102,8 +109,9 @@ def test_select_reg_lambda_follows_the_protocol_on_a_toy_model():
                                   reg_lambda=reg_lambda, lr=0.5)
 
     chosen = mas_optim.select_reg_lambda(model, train, val, make_optimizer, epochs=EPOCHS,
-                                         start=64.0, margin=0.2, factor=0.5)
-    expected = [(lam, _reference_accuracy(model, reg_params, train, val, lam, EPOCHS))
+                                         start=64.0, margin=0.2, factor=0.5, max_tries=10,
+                                         measure=measure)
+    expected = [(lam, _reference_score(model, reg_params, train, val, lam, EPOCHS, measure))
                 for lam, _ in chosen.tries]
     assert [lam for lam, _ in chosen.tries] == [0.0] + [64.0 * 0.5 ** k
                                                        for k in range(len(chosen.tries) - 1)]
@@ -120,3 +128,17 @@ def test_select_reg_lambda_refuses_a_bad_epoch_count():
     with pytest.raises(ValueError, match="epochs must be a positive integer"):
         mas_optim.select_reg_lambda(model, train, val, lambda net, lam: None, epochs=0,
                                     start=1.0)
+
+
+def test_select_reg_lambda_refuses_an_unknown_measure():
+    model, reg_params, train, val = _toy()
+    with pytest.raises(ValueError, match="measure must be one of likelihood, accuracy"):
+        mas_optim.select_reg_lambda(model, train, val, None, start=1.0, measure="loss")
+
+
+def test_validation_scores_restore_the_models_mode():
+    model = nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.5))
+    model.train()
+    scores = mas_optim.selection.validation_scores(
+        model, [(torch.randn(8, 4), torch.randint(0, 2, (8,)))])
+    assert model.training and 0 < scores["likelihood"] < 100 and 0 <= scores["accuracy"] <= 100

@@ -364,3 +364,11 @@ def test_torch_distributed_checkpoint_round_trip_restores_the_penalty(tmp_path):
         step(b, opt_b, x, y)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_reloading_a_state_dict_with_no_reg_params_on_either_side_is_silent(recwarn):
+    # what accelerate's AcceleratedOptimizer does once before the first task is consolidated
+    opt = LocalSgd(make_model().named_parameters(), reg_lambda=1.0, lr=0.1)
+    opt.load_state_dict(opt.state_dict())
+    assert not [w for w in recwarn if "carries no" in str(w.message)]
+    assert opt.reg_params == {}

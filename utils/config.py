@@ -174,8 +174,12 @@ class Config:
         "data (De Lange et al. 2021); several values run a sweep, one run each in "
         "OUTPUT_DIR/lambda_<value>/, with sweep.json and sweep.png",
         parse=lambda_search.parse_lambda, metavar="LAMBDA", nargs="+")
+    auto_measure: str | None = _flag(
+        None, "with --reg_lambda auto: the validation score compared with fine-tuning's: "
+        "likelihood (100 x exp(-mean cross-entropy)) or accuracy (the paper's) (default "
+        f"{lambda_search.DEFAULTS['auto_measure']})", choices=lambda_search.MEASURES)
     auto_margin: float | None = _flag(
-        None, "with --reg_lambda auto: accept the first lambda whose validation accuracy is at "
+        None, "with --reg_lambda auto: accept the first lambda whose validation score is at "
         f"least (1 - P) x that of fine-tuning (default {lambda_search.DEFAULTS['auto_margin']})",
         parse=lambda_search.MARGIN, metavar="P")
     auto_start: float | None = _flag(
@@ -183,7 +187,8 @@ class Config:
         f"{lambda_search.DEFAULTS['auto_start']:g})", parse=lambda_search.START, metavar="L")
     auto_factor: float | None = _flag(
         None, "with --reg_lambda auto: lambda is multiplied by this while the validation "
-        f"accuracy is too low (default {lambda_search.DEFAULTS['auto_factor']})",
+        "score is too low, 7 values tried at most (default "
+        f"{lambda_search.DEFAULTS['auto_factor']:.3g}: two a decade)",
         parse=lambda_search.FACTOR_OR_FRACTION, metavar="A")
     auto_val_fraction: float | None = _flag(
         None, "with --reg_lambda auto: fraction of each task's training data held out for the "
@@ -270,6 +275,8 @@ class Config:
     def resumed(cls, stored: Any, given: dict[str, Any], where: str) -> "Config":
         """The stored settings of the run in ``where``; refuse given flags that differ."""
         names = cls.stored_names()
+        if isinstance(stored, dict):  # a run started before a setting existed ran without it
+            stored = {**_legacy(stored), **stored}
         missing = [k for k in names if not isinstance(stored, dict) or k not in stored]
         if missing:
             raise AppError(f"{where}: settings missing ({', '.join(missing)})")
@@ -279,6 +286,14 @@ class Config:
                                f"{given[key]} (drop the flag, or use another --output_dir)")
         return cls(**{k: stored[k] for k in names},
                    **{k: v for k, v in given.items() if k not in names})
+
+
+def _legacy(stored: dict[str, Any]) -> dict[str, Any]:
+    """The settings added after the first release, as a run started before them ran."""
+    auto = stored.get("reg_lambda") == lambda_search.AUTO
+    return {"scenario": "task", "optimizer": "sgd", "omega_data": "train",
+            **{k: None for k in lambda_search.DEFAULTS},
+            **({"auto_measure": "accuracy"} if auto else {})}
 
 
 class _Parser(argparse.ArgumentParser):

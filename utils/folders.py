@@ -7,6 +7,7 @@ uint8 cache when they fit ``--cache_mb``, and returns one ``Task`` per task fold
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +122,13 @@ class ImageFolderSplit(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def unaugmented(self) -> "ImageFolderSplit":
+        """The same images as evaluation reads them: no random flip (the held-out part of a
+        training split, e.g. ``--reg_lambda auto``'s validation split)."""
+        view = copy.copy(self)
+        view.flip = False
+        return view
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.__getitems__([i])[0]

@@ -4,10 +4,11 @@ et al. (TPAMI 2021), ``mas_optim.stability_decay``.
 Before task t (t >= 2; task 1 has no penalty, Ω is still zero) a validation split of
 ``--auto_val_fraction`` is held out of task t's own training data. The current model is trained
 on the rest for ``--num_epochs`` with λ = 0 (A*, maximal plasticity), then with
-``--auto_start``, decayed by ``--auto_factor`` until the validation accuracy reaches
-(1 − ``--auto_margin``)·A*. Task t is then trained on all its training data with that λ. No
-test data and no data of earlier tasks is used. ``--auto_fit first`` searches before task 2 only
-and keeps that λ (Lee et al. 2024, "Hyperparameter Selection in Continual Learning").
+``--auto_start``, decayed by ``--auto_factor`` until the validation score (``--auto_measure``:
+likelihood or accuracy) reaches (1 − ``--auto_margin``)·A*. Task t is then trained on all its
+training data with that λ. No test data and no data of earlier tasks is used. ``--auto_fit
+first`` searches before task 2 only and keeps that λ (Lee et al. 2024, "Hyperparameter
+Selection in Continual Learning").
 
 The chosen λ per task is part of the run state (``RunState.lambdas``, committed right after the
 search, so a resume never searches twice) and of results.json (``reg_lambda_per_task``).
@@ -26,18 +27,20 @@ import mas_optim
 from utils import AppError
 from utils.checkpoint import CrashTest, RunDir, RunState
 from utils.data import derived_seed, make_loader
-from utils.evaluate import accuracy
+from utils.folders import ImageFolderSplit
 
 if TYPE_CHECKING:
     from utils.trainer import Trainer
 
 AUTO = "auto"
 FITS = ("every", "first")
-# docs/lambda.md: margin 0.05 (the paper's 0.2 lost ~10 points on Split Digits), the paper's
-# factor; the start far above the best hand-tuned λ of the digits benchmarks (1 to 10).
-DEFAULTS: dict[str, Any] = dict(auto_margin=mas_optim.selection.MARGIN, auto_start=1000.0,
-                                auto_factor=mas_optim.selection.FACTOR, auto_val_fraction=0.2,
-                                auto_fit="every")
+MEASURES = mas_optim.selection.MEASURES
+# mas_optim.selection's measured defaults (docs/lambda.md); the start far above the best
+# hand-tuned λ of the digits benchmarks (0.3 to 30), the paper's validation fraction
+DEFAULTS: dict[str, Any] = dict(auto_measure=mas_optim.selection.MEASURE,
+                                auto_margin=mas_optim.selection.MARGIN, auto_start=1000.0,
+                                auto_factor=mas_optim.selection.FACTOR,
+                                auto_val_fraction=0.2, auto_fit="every")
 
 
 def parse_lambda(text: str) -> float | str:
@@ -114,7 +117,9 @@ def split(train: Dataset, fraction: float, seed: int, t: int) -> tuple[Subset, S
                        f"samples of task {t + 1}; at least one must be on each side")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(
         derived_seed(seed, "validation", t))).tolist()
-    return Subset(train, sorted(order[held:])), Subset(train, sorted(order[:held]))
+    # the held-out part is measured as test data is: without the training split's random flip
+    unaugmented = train.unaugmented() if isinstance(train, ImageFolderSplit) else train
+    return Subset(train, sorted(order[held:])), Subset(unaugmented, sorted(order[:held]))
 
 
 def search(trainer: Trainer, state: RunState) -> mas_optim.LambdaSelection:
@@ -127,7 +132,7 @@ def search(trainer: Trainer, state: RunState) -> mas_optim.LambdaSelection:
     tasks[t] = replace(tasks[t], train=train)
     label = f"task {t + 1}/{len(tasks)} ({tasks[t].name}) lambda search"
 
-    def validation_accuracy(reg_lambda: float) -> float:
+    def validation_score(reg_lambda: float) -> float:
         # a trainer of its own: no kill points, nothing written, the run's RNG untouched
         sub = type(trainer)(replace(cfg, reg_lambda=reg_lambda), tasks,
                             RunDir(trainer.run_dir.root, CrashTest(None)), trainer.device,
@@ -140,14 +145,18 @@ def search(trainer: Trainer, state: RunState) -> mas_optim.LambdaSelection:
             for epoch in range(cfg.num_epochs):
                 sub.train_epoch(model, optimizer, penalty, t, epoch, label)
                 scheduler.step()
-        acc = accuracy(model, make_loader(val, cfg.batch_size), trainer.device)
-        log(f"{label}: lambda {reg_lambda:g}, validation accuracy {acc:.2f}%")
-        return acc
+        scores = mas_optim.selection.validation_scores(
+            model, make_loader(val, cfg.batch_size),
+            lambda m, batch: m(batch[0].to(trainer.device)))
+        log(f"{label}: lambda {reg_lambda:g}, validation likelihood "
+            f"{scores['likelihood']:.2f}%, accuracy {scores['accuracy']:.2f}%")
+        return scores[cfg.auto_measure]
 
     chosen = mas_optim.stability_decay(
-        validation_accuracy, start=cfg.auto_start, margin=cfg.auto_margin,
+        validation_score, start=cfg.auto_start, margin=cfg.auto_margin,
         factor=cfg.auto_factor)
-    log(f"{label}: chose lambda {chosen.reg_lambda:g} (A* {chosen.reference_accuracy:.2f}%, "
+    log(f"{label}: chose lambda {chosen.reg_lambda:g} ({cfg.auto_measure} A* "
+        f"{chosen.reference:.2f}%, "
         f"threshold {chosen.threshold:.2f}%, {len(chosen.tries)} trainings"
         + ("" if chosen.within_margin else "; none reached the threshold: the smallest tried")
         + ")")
