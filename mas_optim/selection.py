@@ -103,8 +103,8 @@ def validation_scores(model: nn.Module, batches: Iterable[Any],
     """The model's scores on labelled batches, in eval mode and without gradients (its mode is
     restored): ``accuracy``, top-1 in percent, and ``likelihood``, 100·exp(−mean cross-entropy),
     the geometric mean of the probability given to the correct class, in percent (0 when the
-    logits are NaN, as after a diverged training). The logits
-    are ``forward(model, batch)`` (default ``model(batch[0])``), the labels ``batch[1]``."""
+    logits are NaN, as after a diverged training). The logits are ``forward(model, batch)``
+    (default ``model(batch[0])``), the labels ``batch[1]``."""
     run = forward or (lambda m, batch: m(batch[0]))
     was_training, correct, nll, total = model.training, 0, 0.0, 0
     model.eval()

@@ -185,11 +185,12 @@ def test_a_run_started_before_the_newer_settings_resumes_as_it_ran(reg_lambda, m
     from utils.config import Config
 
     new = Config.from_flags({"reg_lambda": reg_lambda})
-    added = ["scenario", "optimizer", "omega_data", "auto_measure", "auto_margin",
+    added = ["scenario", "optimizer", "omega_data", "auto_measure", "auto_tries", "auto_margin",
              "auto_start", "auto_factor", "auto_val_fraction", "auto_fit"]
     stored = {k: v for k, v in new.to_dict().items() if k not in added or (
-        reg_lambda == "auto" and k != "auto_measure")}
+        reg_lambda == "auto" and k not in ("auto_measure", "auto_tries"))}
     old = Config.resumed(stored, {}, "checkpoint.pth")
     assert (old.scenario, old.optimizer, old.omega_data) == ("task", "sgd", "train")
-    assert old.auto_measure == measure  # an auto run of then measured accuracy
+    # an auto run of then measured accuracy over 10 tries
+    assert (old.auto_measure, old.auto_tries) == ((measure, 10) if measure else (None, None))
     assert old.auto_margin == new.auto_margin

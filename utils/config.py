@@ -187,9 +187,13 @@ class Config:
         f"{lambda_search.DEFAULTS['auto_start']:g})", parse=lambda_search.START, metavar="L")
     auto_factor: float | None = _flag(
         None, "with --reg_lambda auto: lambda is multiplied by this while the validation "
-        "score is too low, 7 values tried at most (default "
-        f"{lambda_search.DEFAULTS['auto_factor']:.3g}: two a decade)",
+        f"score is too low (default {lambda_search.DEFAULTS['auto_factor']:.3g}: two a decade)",
         parse=lambda_search.FACTOR_OR_FRACTION, metavar="A")
+    auto_tries: int | None = _flag(
+        None, "with --reg_lambda auto: lambda values tried at most after fine-tuning; the last, "
+        "start x factor^(N-1), is kept when none reaches the margin (default "
+        f"{lambda_search.DEFAULTS['auto_tries']}; with the default start and factor, down to 1)",
+        parse=POSITIVE_INT, metavar="N")
     auto_val_fraction: float | None = _flag(
         None, "with --reg_lambda auto: fraction of each task's training data held out for the "
         f"search (default {lambda_search.DEFAULTS['auto_val_fraction']})",
@@ -293,7 +297,7 @@ def _legacy(stored: dict[str, Any]) -> dict[str, Any]:
     auto = stored.get("reg_lambda") == lambda_search.AUTO
     return {"scenario": "task", "optimizer": "sgd", "omega_data": "train",
             **{k: None for k in lambda_search.DEFAULTS},
-            **({"auto_measure": "accuracy"} if auto else {})}
+            **({"auto_measure": "accuracy", "auto_tries": 10} if auto else {})}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -40,6 +40,7 @@ MEASURES = mas_optim.selection.MEASURES
 DEFAULTS: dict[str, Any] = dict(auto_measure=mas_optim.selection.MEASURE,
                                 auto_margin=mas_optim.selection.MARGIN, auto_start=1000.0,
                                 auto_factor=mas_optim.selection.FACTOR,
+                                auto_tries=mas_optim.selection.MAX_TRIES,
                                 auto_val_fraction=0.2, auto_fit="every")
 
 
@@ -154,7 +155,7 @@ def search(trainer: Trainer, state: RunState) -> mas_optim.LambdaSelection:
 
     chosen = mas_optim.stability_decay(
         validation_score, start=cfg.auto_start, margin=cfg.auto_margin,
-        factor=cfg.auto_factor)
+        factor=cfg.auto_factor, max_tries=cfg.auto_tries)
     log(f"{label}: chose lambda {chosen.reg_lambda:g} ({cfg.auto_measure} A* "
         f"{chosen.reference:.2f}%, "
         f"threshold {chosen.threshold:.2f}%, {len(chosen.tries)} trainings"
