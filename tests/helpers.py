@@ -41,6 +41,22 @@ def run_cli(args: list[str], out: Path | None = None, env: dict[str, str] | None
                           cwd=ROOT)
 
 
+def ctrl_c_then_resume(proc: subprocess.Popen, out: Path) -> None:
+    """SIGINT to a running ``train.py`` writing to ``out`` (stderr piped): it must exit 130 with
+    one line naming the command that continues; that command is then run to its end here."""
+    import shlex
+    import signal
+
+    import train
+
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    command = f"python train.py --resume --output_dir {shlex.quote(str(out))}"
+    assert err.splitlines() == [f"train.py: interrupted; continue with: {command}"]
+    assert train.main(shlex.split(command)[2:]) == 0
+
+
 def results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, results, run_main, snapshot
+from helpers import ROOT, ctrl_c_then_resume, results, run_main, snapshot
 
 # A sweep small enough for the suite: 5 tasks x 1 epoch, an MLP of width 8.
 SMALL = ["--num_epochs", "1", "--hidden", "8"]
@@ -66,10 +66,7 @@ def test_sweep_killed_in_its_second_run_resumes_to_the_same_files(tmp_path, swee
 def test_ctrl_c_in_a_sweep_names_the_command_that_finishes_the_sweep(tmp_path, sweep_run):
     """SIGINT in the sweep's second run: exit 130 and one line; its command ends the sweep with
     the files of an uninterrupted one."""
-    import shlex
     import time
-
-    import train
 
     out = tmp_path / "m"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SMALL, "--reg_lambda",
@@ -79,12 +76,7 @@ def test_ctrl_c_in_a_sweep_names_the_command_that_finishes_the_sweep(tmp_path, s
     while not (out / "lambda_3" / "checkpoint.pth").exists() and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    command = f"python train.py --resume --output_dir {shlex.quote(str(out))}"
-    assert err.splitlines() == [f"train.py: interrupted; continue with: {command}"]
-    assert train.main(shlex.split(command)[2:]) == 0
+    ctrl_c_then_resume(proc, out)
     assert snapshot(out) == snapshot(sweep_run)
 
 

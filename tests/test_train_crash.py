@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from helpers import FAST, ROOT, results, run_cli, run_main, snapshot
+from helpers import FAST, ROOT, ctrl_c_then_resume, results, run_cli, run_main, snapshot
 
 # Each point is hit in a Split Digits run of 5 tasks x 2 epochs (checkpoint writes: 1 initial,
 # then per task 2 epochs + 1 task commit). The very first checkpoint write is left out: a run
@@ -87,19 +87,10 @@ def test_kill_at_a_random_moment_then_resume_identically(tmp_path, finished_run)
 def test_ctrl_c_prints_the_resume_command_and_exits_130(tmp_path, finished_run):
     """SIGINT mid-run: one line on stderr (no traceback), exit code 130, and the command it
     names continues the run to the uninterrupted result."""
-    import shlex
-
-    import train
-
     out = tmp_path / "m"
     proc = _start(out, None)
     _wait_for_first_checkpoint(out, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    command = f"python train.py --resume --output_dir {shlex.quote(str(out))}"
-    assert err.splitlines() == [f"train.py: interrupted; continue with: {command}"]
-    assert train.main(shlex.split(command)[2:]) == 0
+    ctrl_c_then_resume(proc, out)
     _assert_identical(out, finished_run)
 
 
