@@ -53,7 +53,7 @@ def ctrl_c_then_resume(proc: subprocess.Popen, out: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     command = f"python train.py --resume --output_dir {shlex.quote(str(out))}"
-    assert err.splitlines() == [f"train.py: interrupted; continue with: {command}"]
+    assert err.splitlines() == [f"train.py: interrupted; continue with: {command}"], err
     assert train.main(shlex.split(command)[2:]) == 0
 
 

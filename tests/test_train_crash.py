@@ -146,3 +146,23 @@ def test_a_mid_task_checkpoint_holds_omega_and_theta_star_once(tmp_path):
     assert state.task == 1 and state.reg_params
     saved = {key for entry in state.optimizer["state"].values() for key in entry}
     assert "momentum_buffer" in saved and not saved & set(MAS_STATE_KEYS)
+
+
+def test_ctrl_c_just_after_the_first_checkpoint_is_renamed_offers_to_resume(tmp_path, capsys,
+                                                                            monkeypatch):
+    """The checkpoint is on disk once renamed, even if Ctrl-C lands before save_checkpoint
+    returns: the line must offer --resume, not "nothing to resume"."""
+    from utils.checkpoint import CHECKPOINT, RunDir
+
+    write = RunDir.write
+
+    def write_then_interrupt(self, rel, data):
+        write(self, rel, data)
+        if rel == CHECKPOINT:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "write", write_then_interrupt)
+    out = tmp_path / "m"
+    assert run_main(FAST, out) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.py: interrupted; continue with: python train.py --resume --output_dir {out}"]

@@ -239,9 +239,15 @@ class RunDir:
         self.root = root
         self.crash_test = crash_test
         self.written: list[str] = []  # files this process wrote (relative to root), in order
-        # a checkpoint of this run is on disk (read for --resume or written here): what a
-        # message after an interrupt or a failed write may offer to --resume
-        self.committed = False
+        self._loaded_or_saved = False
+        self._saving = False  # a checkpoint write has begun (any older one was cleared before)
+
+    @property
+    def committed(self) -> bool:
+        """A checkpoint of this run is on disk (read for --resume or written here): what a
+        message after an interrupt or a failed write may offer to --resume. A Ctrl-C between
+        the checkpoint's rename and the end of ``save_checkpoint`` still counts it."""
+        return self._loaded_or_saved or (self._saving and self.path(CHECKPOINT).exists())
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -318,8 +324,9 @@ class RunDir:
 
     def save_checkpoint(self, state: RunState) -> None:
         """Commit the whole run state in one atomic write (the commit point of the run)."""
+        self._saving = True
         self.write(CHECKPOINT, state.to_bytes())
-        self.committed = True
+        self._loaded_or_saved = True
 
     def load_checkpoint(self) -> RunState | None:
         """The committed run state, ``None`` when there is no checkpoint; AppError if damaged."""
@@ -327,7 +334,7 @@ class RunDir:
         if not path.exists():
             return None
         state = RunState.load(path)
-        self.committed = True
+        self._loaded_or_saved = True
         return state
 
     def check_saved_files(self, state: RunState) -> None:
