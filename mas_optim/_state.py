@@ -71,6 +71,12 @@ def _like(t: Tensor, p: Tensor) -> Tensor:
     return t.detach().to(device=p.device, dtype=p.dtype, copy=True)
 
 
+def has_loaded_entries(optimizer) -> bool:
+    """Whether a state dict loaded into ``optimizer`` without the penalty attached left
+    Ω/θ* in its state (what :func:`pop_loaded_entries` would take)."""
+    return any(isinstance(st, Mapping) and OMEGA in st for st in optimizer.state.values())
+
+
 def pop_loaded_entries(optimizer, names: Names) -> Optional[Dict[str, Dict[str, Tensor]]]:
     """Take out of ``optimizer.state`` the entries a state dict loaded there before the penalty
     was attached (HF Trainer loads the optimizer before its callbacks run): the reg_params they

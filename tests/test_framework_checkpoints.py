@@ -10,6 +10,8 @@ The ``*_optimizer_state_*`` tests need the optimizer's own ``state_dict`` to car
 first assertion, which says so.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -60,15 +62,37 @@ def hf_after_task_0(reg_lambda, out):
 
 
 def test_hf_trainer_resume_from_checkpoint_with_the_callback_is_bit_identical(tmp_path):
+    """The checkpoint is moved away from output_dir first: the callback finds Ω/θ* in the
+    optimizer state Trainer loaded, wherever the checkpoint was."""
     from mas_optim.integrations.hf import MasCallback
 
     model, mas = hf_after_task_0(1e3, tmp_path / "task0")
     want = hf_run(model, mas, tmp_path / "run")
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "run" / "checkpoint-2").rename(moved)
     fresh = MasCallback(reg_lambda=1e3)  # a new process: no reg_params in memory
-    got = hf_run(gpt2(seed=5), fresh, tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-2"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = hf_run(gpt2(seed=5), fresh, tmp_path / "resumed", resume=str(moved))
     assert_same(got, want)
+    assert not [w for w in caught if "mas_optim" in w.filename]  # no "Ω/θ* dropped"
+    for key in ("omega", "init_val"):  # what the next task starts from, too
+        assert_same({n: e[key] for n, e in fresh.mas.reg_params.items()},
+                    {n: e[key] for n, e in mas.mas.reg_params.items()})
     free_model, free = hf_after_task_0(0.0, tmp_path / "task0")
     assert_differ(hf_run(free_model, free, tmp_path / "free"), want)
+
+
+def test_hf_resume_without_omega_in_the_checkpoint_while_holding_reg_params_is_an_error(
+        tmp_path):
+    from mas_optim.integrations.hf import MasCallback
+
+    free = transformers.TrainerCallback()  # checkpoints of a run without the callback
+    hf_run(gpt2(), free, tmp_path / "run")
+    _, mas = hf_after_task_0(1e3, tmp_path / "task0")
+    held = MasCallback(reg_lambda=1e3, reg_params=mas.mas.reg_params)
+    with pytest.raises(ValueError, match="optimizer state carries no Ω/θ"):
+        hf_run(gpt2(), held, tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-2"))
 
 
 # ------------------------------------------------------------------------------- Lightning

@@ -12,31 +12,25 @@ Trainer built (its default AdamW, or ``optimizers=(LocalSgd(...), None)``; accel
 wrapper is unwrapped). At ``on_train_end`` the callback computes the task's Ω on the Trainer's
 train dataloader (labels dropped: Ω needs none) and folds it into its reg_params.
 
-**Resuming.** Trainer loads a checkpoint's optimizer state *before* callbacks see
-``on_train_begin``, and its callbacks' saved state is JSON. So the callback writes its
-reg_params next to each checkpoint (``checkpoint-N/mas_reg_params.pickle``, at ``on_save``) and,
-when a run resumes (``state.global_step > 0`` at ``on_train_begin``), reads them back from
-``args.resume_from_checkpoint`` or else ``<output_dir>/checkpoint-<global_step>``; then it
-attaches the penalty, so the resumed steps equal the uninterrupted ones. A resumed run whose
-checkpoint has no such file while the callback holds reg_params is an error (a run of the
-first task saves none: nothing to penalise yet). A checkpoint elsewhere than ``output_dir`` must
-be named in ``TrainingArguments(resume_from_checkpoint=...)``: ``train(resume_from_checkpoint=)``
-does not tell callbacks where it loaded from.
+**Resuming.** The penalty's Ω, θ* and λ are part of the optimizer's own state dict, which
+every Trainer checkpoint holds. Trainer loads it before callbacks see ``on_train_begin``, so
+when a run resumes (``state.global_step > 0``) the callback takes its reg_params from the
+loaded optimizer state and attaches the penalty with them: the resumed steps equal the
+uninterrupted ones, from a checkpoint anywhere. Resuming from a checkpoint whose optimizer
+state carries none (saved in the first task, or without the callback) while the callback
+holds reg_params of earlier tasks is an error.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
 from transformers import TrainerCallback
 
-from ..reg_params import RegParams, load_reg_params, save_reg_params
+from ..reg_params import RegParams
 from .tasks import MasTasks
 
 __all__ = ["MasCallback"]
-
-FILE = "mas_reg_params.pickle"
 
 
 class MasCallback(TrainerCallback):
@@ -59,28 +53,16 @@ class MasCallback(TrainerCallback):
                             omega_kwargs=omega_kwargs)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if state.global_step > 0:
-            self._resume(args, state, model)
+        if state.global_step > 0 and not self.mas.resume(optimizer, model) \
+                and self.mas.reg_params:
+            raise ValueError(
+                f"MasCallback: resuming at step {state.global_step} from a checkpoint whose "
+                "optimizer state carries no Ω/θ* (saved in the first task or without the "
+                "callback), while the callback holds reg_params of earlier tasks")
         self.mas.attach(optimizer, model)
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.mas.learn(model, _inputs(train_dataloader))
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.mas.reg_params and state.is_world_process_zero:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", FILE)
-            save_reg_params(self.mas.reg_params, path)
-
-    def _resume(self, args, state, model) -> None:
-        folder = (args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str)
-                  else os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-        path = os.path.join(folder, FILE)
-        if os.path.exists(path):
-            self.mas.reg_params = load_reg_params(path, model=model)
-        elif self.mas.reg_params:
-            raise ValueError(f"MasCallback: resuming at step {state.global_step}, but {path} "
-                             "does not exist; pass the checkpoint folder as "
-                             "TrainingArguments(resume_from_checkpoint=...)")
 
 
 def _inputs(loader) -> Iterator[Mapping[str, Any]]:

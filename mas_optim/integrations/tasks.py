@@ -6,7 +6,9 @@ penalty from :func:`mas_optim.add_mas_penalty` (a framework's wrapper such as ac
 ``AcceleratedOptimizer`` or Lightning's ``LightningOptimizer`` is unwrapped first). After it,
 :meth:`MasTasks.learn` computes the task's Ω (:func:`mas_optim.compute_omega`) and folds it into
 reg_params (:func:`mas_optim.consolidate_reg_params`, θ* = the weights now). Nothing happens
-before the first task has been learnt: with Ω = 0 the penalty is zero.
+before the first task has been learnt: with Ω = 0 the penalty is zero. Where a framework loads
+a checkpoint's optimizer state before any callback runs (HF Trainer), :meth:`MasTasks.resume`
+takes the reg_params from that state: Ω, θ* and λ travel in the optimizer's state dict.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Dict, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .._state import has_loaded_entries
 from ..importance import compute_omega
 from ..local_sgd import LocalSgd
 from ..penalty import MasPenalty, add_mas_penalty
@@ -59,6 +62,29 @@ class MasTasks:
         # trainer, e.g. Avalanche's): the penalty is attached again at the next task
         return {**self.__dict__, "penalty": None}
 
+    def resume(self, optimizer: Any, model: nn.Module) -> bool:
+        """Take up the reg_params that a checkpoint's optimizer state carried in, for a
+        framework that loads the optimizer before any callback runs (HF Trainer): they replace
+        the ones held, and the penalty is attached with them. False where the state carried
+        none (a checkpoint of the first task). ``LocalSgd`` read its own on loading."""
+        opt = unwrap_optimizer(optimizer)
+        if isinstance(opt, LocalSgd):
+            if not opt.reg_params:
+                return False
+            self.reg_params = opt.reg_params
+            return True
+        if not has_loaded_entries(opt):
+            return False
+        self._check_reg_lambda(opt)
+        self.penalty = add_mas_penalty(opt, None, self.reg_lambda, model=model)
+        self.reg_params = self.penalty.reg_params
+        return True
+
+    def _check_reg_lambda(self, opt: torch.optim.Optimizer) -> None:
+        if self.reg_lambda is None:
+            raise ValueError(f"reg_lambda=... is needed for {type(opt).__name__} (only "
+                             "LocalSgd takes its own reg_lambda)")
+
     def attach(self, optimizer: Any, model: nn.Module) -> None:
         """The penalty of the tasks learnt so far on ``optimizer`` (again after reg_params
         changed, or on a new optimizer); nothing before the first task is learnt."""
@@ -68,9 +94,7 @@ class MasTasks:
         if isinstance(opt, LocalSgd):
             opt.reg_params = self.reg_params
             return
-        if self.reg_lambda is None:
-            raise ValueError(f"reg_lambda=... is needed for {type(opt).__name__} (only "
-                             "LocalSgd takes its own reg_lambda)")
+        self._check_reg_lambda(opt)
         if self.penalty is not None and self.penalty.optimizer is opt and self.penalty.attached:
             self.penalty.reg_params = self.reg_params
         else:
