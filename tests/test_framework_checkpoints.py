@@ -38,12 +38,18 @@ def assert_differ(a, b):
 
 # ---------------------------------------------------------------------- Hugging Face Trainer
 
-def hf_run(model, mas, out, resume=None):
+def hf_run(model, mas, out, resume=None, optimizer="adamw"):
+    """Task 1 for 4 steps, checkpointed every 2, with Trainer's AdamW or a LocalSgd of the
+    callback's λ (the proximal step: λ 1e3 is far beyond the explicit step's stable range)."""
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
         report_to=[], save_strategy="steps", save_steps=2, logging_strategy="no",
         disable_tqdm=True, use_cpu=True, seed=0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Task(1), callbacks=[mas])
+    optimizers = (None, None) if optimizer == "adamw" else (mas_optim.LocalSgd(
+        model.named_parameters(), reg_lambda=mas.mas.reg_lambda, lr=1e-2, momentum=0.9,
+        proximal=True), None)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Task(1), callbacks=[mas],
+                                   optimizers=optimizers)
     trainer.train(resume_from_checkpoint=resume)
     return weights(model)
 
@@ -61,26 +67,29 @@ def hf_after_task_0(reg_lambda, out):
     return model, mas
 
 
-def test_hf_trainer_resume_from_checkpoint_with_the_callback_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "localsgd"])
+def test_hf_trainer_resume_from_checkpoint_with_the_callback_is_bit_identical(tmp_path,
+                                                                             optimizer):
     """The checkpoint is moved away from output_dir first: the callback finds Ω/θ* in the
     optimizer state Trainer loaded, wherever the checkpoint was."""
     from mas_optim.integrations.hf import MasCallback
 
     model, mas = hf_after_task_0(1e3, tmp_path / "task0")
-    want = hf_run(model, mas, tmp_path / "run")
+    want = hf_run(model, mas, tmp_path / "run", optimizer=optimizer)
     moved = tmp_path / "elsewhere"
     (tmp_path / "run" / "checkpoint-2").rename(moved)
     fresh = MasCallback(reg_lambda=1e3)  # a new process: no reg_params in memory
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = hf_run(gpt2(seed=5), fresh, tmp_path / "resumed", resume=str(moved))
+        got = hf_run(gpt2(seed=5), fresh, tmp_path / "resumed", resume=str(moved),
+                     optimizer=optimizer)
     assert_same(got, want)
     assert not [w for w in caught if "mas_optim" in w.filename]  # no "Ω/θ* dropped"
     for key in ("omega", "init_val"):  # what the next task starts from, too
         assert_same({n: e[key] for n, e in fresh.mas.reg_params.items()},
                     {n: e[key] for n, e in mas.mas.reg_params.items()})
     free_model, free = hf_after_task_0(0.0, tmp_path / "task0")
-    assert_differ(hf_run(free_model, free, tmp_path / "free"), want)
+    assert_differ(hf_run(free_model, free, tmp_path / "free", optimizer=optimizer), want)
 
 
 def test_hf_resume_without_omega_in_the_checkpoint_while_holding_reg_params_is_an_error(
