@@ -177,6 +177,20 @@ def interrupted(given: dict[str, Any], run_dir: RunDir, dist: Dist) -> str:
     return f"interrupted; continue with: {start} {shlex.join(args)}"
 
 
+def from_ctrl_c(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, or an error raised while one was on its way out: a library's
+    cleanup that failed under it (tqdm's write lock, interrupted while being created, raises
+    AttributeError in its ``finally``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and run; input and file problems -> one line on stderr, exit code 2.
 
@@ -203,17 +217,19 @@ def main(argv: list[str] | None = None) -> int:
                          CrashTest.from_env())
         try:
             return run(given, run_dir, dist)
-        except KeyboardInterrupt:  # Ctrl-C: what to do next, not a traceback
-            if dist.is_main:
-                print(f"train.py: {interrupted(given, run_dir, dist)}", file=sys.stderr,
-                      flush=True)
-            return 130
         except AppError as exc:
             if dist.is_main or not is_everywhere(exc):  # an error one rank alone saw: it says so
                 where = "" if dist.is_main else f"(rank {dist.rank}) "
                 print(f"train.py: error: {where}{exc}", file=sys.stderr, flush=True)
             dist.after_error(exc)
             return 2
+        except BaseException as exc:  # Ctrl-C: what to do next, not a traceback
+            if not from_ctrl_c(exc):
+                raise
+            if dist.is_main:
+                print(f"train.py: {interrupted(given, run_dir, dist)}", file=sys.stderr,
+                      flush=True)
+            return 130
         finally:
             dist.close()
 

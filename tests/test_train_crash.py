@@ -166,3 +166,35 @@ def test_ctrl_c_just_after_the_first_checkpoint_is_renamed_offers_to_resume(tmp_
     assert run_main(FAST, out) == 130
     assert capsys.readouterr().err.splitlines() == [
         f"train.py: interrupted; continue with: python train.py --resume --output_dir {out}"]
+
+
+def test_an_error_raised_while_ctrl_c_unwinds_still_ends_with_the_resume_line(tmp_path, capsys,
+                                                                            monkeypatch):
+    """A library's cleanup failing under Ctrl-C (tqdm's lock, seen in a test run) is still
+    Ctrl-C: the one line and exit code 130, no traceback."""
+    import train
+
+    def interrupt_then_fail_in_cleanup(config):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise AttributeError("type object 'tqdm' has no attribute '_lock'")
+
+    monkeypatch.setattr(train, "load_tasks", interrupt_then_fail_in_cleanup)
+    assert run_main(FAST, tmp_path / "m") == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "train.py: interrupted before the run's first checkpoint: nothing to resume; run the "
+        "same command again"]
+
+
+def test_an_error_not_raised_under_ctrl_c_is_not_taken_for_one(tmp_path, monkeypatch):
+    import pytest
+
+    import train
+
+    def fail(config):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(train, "load_tasks", fail)
+    with pytest.raises(AttributeError, match="a bug"):
+        run_main(FAST, tmp_path / "m")
