@@ -27,12 +27,25 @@ import contextlib
 import math
 import os
 import shlex
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from utils import AppError
+STARTING = "interrupted while starting, before anything was written"
+
+
+def _interrupted_while_starting(signum: int, frame: Any) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"train.py: {STARTING}", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+from utils import AppError  # noqa: E402 (after the handler: these imports load torch)
 from utils import sweep
 from utils.checkpoint import (CHECKPOINT, PLOT, REG_PARAMS, RESULTS, SHARED, CrashTest, RunDir,
                               RunState)
@@ -215,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 return int(stop.code or 0)
         run_dir = RunDir(Path(given.get("output_dir", Config().output_dir)),
                          CrashTest.from_env())
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: below
         try:
             return run(given, run_dir, dist)
         except AppError as exc:

@@ -198,3 +198,19 @@ def test_an_error_not_raised_under_ctrl_c_is_not_taken_for_one(tmp_path, monkeyp
     monkeypatch.setattr(train, "load_tasks", fail)
     with pytest.raises(AttributeError, match="a bug"):
         run_main(FAST, tmp_path / "m")
+
+
+def test_ctrl_c_while_starting_prints_one_line_and_writes_nothing(tmp_path):
+    """SIGINT half a second in, while torch is still being imported (seconds on any machine):
+    exit code 130 and one line, no traceback; had the imports finished, the run's own line."""
+    out = tmp_path / "m"
+    proc = _start(out, None)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines() in (
+        ["train.py: interrupted while starting, before anything was written"],
+        ["train.py: interrupted before the run's first checkpoint: nothing to resume; run the "
+         "same command again"]), err
+    assert not (out / "checkpoint.pth").exists()
