@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import FAST, ROOT, ctrl_c_then_resume, results, run_cli, run_main, snapshot
 
 # Each point is hit in a Split Digits run of 5 tasks x 2 epochs (checkpoint writes: 1 initial,
@@ -188,8 +190,6 @@ def test_an_error_raised_while_ctrl_c_unwinds_still_ends_with_the_resume_line(tm
 
 
 def test_an_error_not_raised_under_ctrl_c_is_not_taken_for_one(tmp_path, monkeypatch):
-    import pytest
-
     import train
 
     def fail(config):
