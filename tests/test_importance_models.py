@@ -243,11 +243,11 @@ def tiny_hf(kind):
     return transformers.BertForSequenceClassification(config)
 
 
-def padded_batches(g):
+def padded_batches(g, sizes=(4, 3)):
     """Tokenizer-style dict batches with padding: HF's mask code branches on the mask values,
     which torch.func.vmap cannot run."""
     out = []
-    for n in (4, 3):
+    for n in sizes:
         ids = torch.randint(0, 40, (n, 6), generator=g)
         mask = torch.ones(n, 6, dtype=torch.long)
         mask[0, 4:] = 0
@@ -255,13 +255,15 @@ def padded_batches(g):
     return out
 
 
+@pytest.mark.parametrize("sizes", [(4, 3), (4, 4)], ids=["new_signature", "same_signature"])
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
-def test_hf_model_omega_is_exact_detached_and_batched(kind):
+def test_hf_model_omega_is_exact_detached_and_batched(kind, sizes):
     """Tied embeddings (GPT-2's wte/lm_head), position embeddings shared by all samples and
     HF's Conv1D take batched paths: exact against the float64 loop, no autograd graph, and no
-    warning that a path fell back to one sample at a time."""
+    warning that a path fell back to one sample at a time. A second batch of the first one's
+    signature expands the position embeddings in its only forward."""
     model = tiny_hf(kind)
-    batches = padded_batches(torch.Generator().manual_seed(1))
+    batches = padded_batches(torch.Generator().manual_seed(1), sizes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = compute_omega(model, batches)
@@ -320,5 +322,18 @@ def test_shared_position_embeddings_are_exact_whether_or_not_they_broadcast(redu
     dimension: expanding would change F, which the check sees (the whole-network path)."""
     torch.manual_seed(0)
     model = SharedPositions(reduce)
-    batches = [tokens((4, 5), vocab=10), tokens((3, 5), vocab=10)]
+    # a repeated signature, another one, and the first again
+    batches = [tokens((4, 5), vocab=10), tokens((4, 5), vocab=10), tokens((3, 5), vocab=10),
+               tokens((4, 5), vocab=10)]
     assert_close(compute_omega(model, batches), reference_omega(model, batches))
+
+
+def test_a_batch_with_the_previous_signature_runs_one_forward_for_shared_positions():
+    """The probe and the expanded second forward are checked once per signature: later batches
+    with it expand the position embeddings in their one forward."""
+    torch.manual_seed(0)
+    model = SharedPositions(reduce=False)
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
+    compute_omega(model, [tokens((4, 5), vocab=10) for _ in range(3)])
+    assert forwards == [4, 2, 4, 4, 4]  # batch 1, its probe, its expanded forward; then one each

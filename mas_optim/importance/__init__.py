@@ -13,8 +13,9 @@ get it; here one batched forward and backward gives it exactly (:mod:`.per_sampl
   input and output gradient, without a per-sample forward or backward;
 * a weight tied between modules (an embedding reused as the output layer) gets the sum of
   those modules' per-sample vector-Jacobian products, and a module whose output every sample
-  shares (position embeddings of a ``(1, T)`` index) gets its output expanded to the batch in
-  a second forward, which makes its output gradient per sample (:mod:`.per_sample`);
+  shares (position embeddings of a ``(1, T)`` index) gets its output expanded to the batch,
+  which makes its output gradient per sample: in a second forward for a batch of a new
+  signature, in the one forward for the next batches with it (:mod:`.per_sample`);
 * any other parameter gets its per-sample gradients from ``torch.func`` (:mod:`.functional`):
   the vector-Jacobian product of the one module that holds it (e.g. ``nn.MultiheadAttention``),
   or of the whole network when no module can be proven to see one sample per row;

@@ -36,7 +36,10 @@ the batch size on dim 0 too); it is proven from the data flow:
 **Proven once per signature.** The probe costs a second forward, as much as the rules on a small
 network, so within one :func:`~mas_optim.importance.compute_omega` call its result (which
 modules are proven, and their sample dimensions) is kept per *signature* of a batch and reused
-for every later batch with the same one; a new signature is proven anew. The signature is what
+for every later batch with the same one; a new signature is proven anew. Likewise the
+*expanded* check: a batch with the previous batch's signature, once that signature's expanded
+forward left F unchanged, expands those outputs in its one forward and takes their gradient
+from its one backward (a batch whose signature turns out to differ is run again without). The signature is what
 decides the layout for code whose control flow depends on shapes only: the batch's structure
 and every tensor's shape, dtype and device (and every non-tensor value in it, by its type where
 it compares by identity), every module call with the shapes, dtypes and devices of its inputs
@@ -238,21 +241,51 @@ class PerSampleEngine:
         self.functional = Functional()
         # signature -> {module: (input dims, output dims)} of its proven modules (see above)
         self.proofs: Dict[Hashable, Dict[nn.Module, Tuple[List, List, bool]]] = {}
+        # signature -> the modules whose expanded output left F unchanged (see _expanded)
+        self.widened: Dict[Hashable, frozenset] = {}
+        self.last_key: Optional[Hashable] = None
 
     def accumulate(self, batch: Any, n: int, sums: Dict[str, Tensor]) -> None:
+        # A batch with the previous batch's signature, whose expanded outputs were checked
+        # already, expands them in its one forward: no second forward and backward for them.
+        widen = self.widened.get(self.last_key) if self.last_key is not None else None
+        if widen is None or not self._accumulate(batch, n, sums, widen):
+            self._accumulate(batch, n, sums, None)
+
+    def _accumulate(self, batch: Any, n: int, sums: Dict[str, Tensor],
+                    widen: Optional[frozenset]) -> bool:
+        """One batch; with ``widen``, those modules' outputs are expanded in the forward, and
+        False is returned (nothing added) if the batch's signature is not the previous one."""
         rec = _Recorder(self.model, keep_grads=self.holders)
+        wide: Dict[nn.Module, List[Call]] = {}
+        # registered after the recorder's hooks: the recorder sees the outputs as they were
+        handles = [m.register_forward_hook(self._widener(n, wide), with_kwargs=True)
+                   for m in widen or ()]
         try:
             with torch.enable_grad():
                 uses_mode = _Uses(self.ids, rec.stack)
                 with uses_mode:
                     outputs = self.forward(batch)
                 rec.remove()
+                for h in handles:
+                    h.remove()
                 loss = squared_norm(outputs)
-                proven, shared = self._prove(rec, uses_mode.uses, batch, outputs, n)
+                key = signature(batch, rec.calls, uses_mode.uses)
+                if widen is not None and key != self.last_key:
+                    return False
+                proven, shared = self._prove(key, rec, batch, outputs, n)
                 plan, tied, expand, rest = self._assign(uses_mode.uses, proven, shared, rec)
-                self._backward(loss, plan, tied, rec, rest)
+                if widen is not None and (set(expand) != widen
+                                          or any(len(wide.get(m, [])) != 1 for m in widen)):
+                    return False
+                extra = [(c, i) for m in expand for c in wide.get(m, ())
+                         for i, d in enumerate(c.out_dims) if d == 0]
+                self._backward(loss, plan, tied, rec, rest, extra)
         finally:
             rec.remove()
+            for h in handles:
+                h.remove()
+        self.last_key = key
         for m, (call, fast, local) in plan.items():
             if all(g is None for g in call.grads):
                 continue  # its output does not reach F: every per-sample gradient is zero
@@ -264,15 +297,21 @@ class PerSampleEngine:
         for owners, names in tied.items():
             self._vjp([(m, plan[m][0], {rel: name for rel, name in self._rels(m, names)})
                        for m in owners], sums)
-        if expand:
-            rest += self._expanded(batch, n, expand, [o.detach() for o in outputs], sums)
+        if expand and widen is not None:
+            for m, rels in expand.items():
+                self._vjp([(m, wide[m][0], rels)], sums)
+        elif expand:
+            left = self._expanded(batch, n, expand, [o.detach() for o in outputs], sums)
+            if not left and key is not None:
+                self.widened[key] = frozenset(expand)
+            rest += left
         if rest:
             self._whole(batch, n, rest, sums)
+        return True
 
     # -- 1. which modules are proven, and their sample dimensions
-    def _prove(self, rec: _Recorder, uses: Dict[str, Set[tuple]], batch: Any,
+    def _prove(self, key: Optional[Hashable], rec: _Recorder, batch: Any,
                outputs: List[Tensor], n: int) -> Tuple[Dict[nn.Module, Call], Set[nn.Module]]:
-        key = signature(batch, rec.calls, uses)
         dims = self.proofs.get(key) if key is not None else None
         if dims is None:
             dims = self._probe(rec, batch, outputs, n)
@@ -403,7 +442,8 @@ class PerSampleEngine:
 
     # -- 3. one backward: every planned module's output gradient
     def _backward(self, loss: Tensor, plan: dict, tied: dict, rec: _Recorder,
-                  rest: List[str]) -> None:
+                  rest: List[str], extra: List[Tuple[Call, int]]) -> None:
+        """``extra``: expanded outputs (see _expanded) whose gradient is wanted too."""
         tied_of: Dict[nn.Module, List[str]] = {}
         for owners, names in tied.items():
             for m in owners:
@@ -427,6 +467,9 @@ class PerSampleEngine:
                         key=lambda q: q.numel())
                 targets.append(p)
                 slots.append((None, 0))
+        for call, i in extra:
+            targets.append(call.out_leaves[i])
+            slots.append((call, i))
         for name in self.unseen:  # used by an operation the mode did not see? then check
             targets.append(self.params[name])
             slots.append((None, -1))
@@ -483,19 +526,8 @@ class PerSampleEngine:
         gradient per sample; then each module's vector-Jacobian product at sample k. Returns the
         names left to the whole-network path (F changed, or a module ran other than once)."""
         calls: Dict[nn.Module, List[Call]] = {}
-
-        def widen(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-            leaves, spec = tree_flatten(out)
-            wide = [t.expand(n, *t.shape[1:]) if isinstance(t, Tensor) and t.requires_grad
-                    and t.dim() > 0 and t.shape[0] == 1 else t for t in leaves]
-            ins = tree_leaves((args, kwargs))
-            calls.setdefault(m, []).append(Call(
-                args, kwargs, ins, wide, spec, in_dims=[None] * len(ins),
-                out_dims=[0 if w is not t else None for w, t in zip(wide, leaves)],
-                grads=[None] * len(wide)))
-            return tree_unflatten(wide, spec)
-
-        handles = [m.register_forward_hook(widen, with_kwargs=True) for m in expand]
+        handles = [m.register_forward_hook(self._widener(n, calls), with_kwargs=True)
+                   for m in expand]
         try:
             with torch.enable_grad():
                 again = self.forward(batch)
@@ -515,6 +547,23 @@ class PerSampleEngine:
         for m, rels in expand.items():
             self._vjp([(m, calls[m][0], rels)], sums)
         return []
+
+    @staticmethod
+    def _widener(n: int, calls: Dict[nn.Module, List[Call]]) -> Callable:
+        """A forward hook that expands a module's outputs with a leading dimension of 1 to the
+        n samples they broadcast to, recording each call (with its expanded outputs) in
+        ``calls``."""
+        def widen(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            leaves, spec = tree_flatten(out)
+            wide = [t.expand(n, *t.shape[1:]) if isinstance(t, Tensor) and t.requires_grad
+                    and t.dim() > 0 and t.shape[0] == 1 else t for t in leaves]
+            ins = tree_leaves((args, kwargs))
+            calls.setdefault(m, []).append(Call(
+                args, kwargs, ins, wide, spec, in_dims=[None] * len(ins),
+                out_dims=[0 if w is not t else None for w, t in zip(wide, leaves)],
+                grads=[None] * len(wide)))
+            return tree_unflatten(wide, spec)
+        return widen
 
     def _whole(self, batch: Any, n: int, names: List[str], sums: Dict[str, Tensor]) -> None:
         leaves, spec = tree_flatten(batch)
