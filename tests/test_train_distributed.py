@@ -300,3 +300,27 @@ def test_torchrun_fsdp_resume_mid_task_after_a_kill_ends_bit_identical(fsdp_run,
 def test_fsdp_without_torchrun_is_refused(tmp_path):
     assert run_main(["--fsdp"], tmp_path / "m") == 2
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("scenario", ["domain", "class"])
+def test_torchrun_fsdp_trains_like_ddp_in_the_other_scenarios(scenario, tmp_path):
+    """--scenario domain (one shared head) and class (a head that grows by each task's
+    classes, its reg_params grown with it) under --fsdp: the weights, Ω and accuracies of the
+    DDP run."""
+    args = ["--num_epochs", "1", "--scenario", scenario]
+    fsdp = torchrun([*args, "--fsdp"], tmp_path / "fsdp")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    ddp = torchrun(args, tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    shared = torch.load(tmp_path / "fsdp" / "shared_model.pth", weights_only=True)
+    want = torch.load(tmp_path / "ddp" / "shared_model.pth", weights_only=True)
+    assert shared.keys() == want.keys()
+    for name, w in want.items():
+        assert torch.allclose(shared[name], w, rtol=1e-4, atol=1e-6), name
+    omega = mas_optim.load_reg_params(tmp_path / "fsdp" / "reg_params.pickle")
+    want_omega = mas_optim.load_reg_params(tmp_path / "ddp" / "reg_params.pickle")
+    assert omega.keys() == want_omega.keys()
+    for name, entry in want_omega.items():
+        assert torch.allclose(omega[name]["omega"], entry["omega"], rtol=1e-4, atol=1e-8), name
+    got, doc = results(tmp_path / "fsdp"), results(tmp_path / "ddp")
+    assert all(abs(a - b) <= 1.0 for a, b in zip(got["final_acc"], doc["final_acc"]))
