@@ -337,3 +337,16 @@ def test_a_batch_with_the_previous_signature_runs_one_forward_for_shared_positio
     model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
     compute_omega(model, [tokens((4, 5), vocab=10) for _ in range(3)])
     assert forwards == [4, 2, 4, 4, 4]  # batch 1, its probe, its expanded forward; then one each
+
+
+def test_batches_of_new_shapes_run_no_forward_in_vain_for_shared_positions():
+    """Padding to each batch's longest sequence gives every batch a new signature: each pays
+    the probe and the expanded check, and no speculative forward on top."""
+    torch.manual_seed(0)
+    model = SharedPositions(reduce=False)
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape))
+    batches = [tokens((4, 5), vocab=10), tokens((4, 4), vocab=10), tokens((4, 3), vocab=10)]
+    got = compute_omega(model, batches)
+    assert len(forwards) == 9  # batch, probe, expanded forward: three a batch
+    assert_close(got, reference_omega(model, batches))

@@ -39,7 +39,8 @@ modules are proven, and their sample dimensions) is kept per *signature* of a ba
 for every later batch with the same one; a new signature is proven anew. Likewise the
 *expanded* check: a batch with the previous batch's signature, once that signature's expanded
 forward left F unchanged, expands those outputs in its one forward and takes their gradient
-from its one backward (a batch whose signature turns out to differ is run again without). The signature is what
+from its one backward. This is tried only for a batch whose own shapes are the previous
+batch's; if its signature still turns out to differ, it is run again without. The signature is what
 decides the layout for code whose control flow depends on shapes only: the batch's structure
 and every tensor's shape, dtype and device (and every non-tensor value in it, by its type where
 it compares by identity), every module call with the shapes, dtypes and devices of its inputs
@@ -135,9 +136,8 @@ def signature(batch: Any, calls: Dict[nn.Module, List[Call]],
               uses: Dict[str, Set[tuple]]) -> Optional[Hashable]:
     """What the layout of the samples depends on when control flow depends on shapes only (the
     module docstring's *signature*); None when a non-tensor value in it cannot be hashed."""
-    leaves, spec = tree_flatten(batch)
     try:
-        key = (spec, _layout(leaves),
+        key = (*_batch_layout(batch),
                tuple((m, tuple((_layout(c.in_leaves), _layout(c.out_leaves)) for c in cs))
                      for m, cs in calls.items()),
                frozenset((name, frozenset(stacks)) for name, stacks in uses.items()))
@@ -145,6 +145,19 @@ def signature(batch: Any, calls: Dict[nn.Module, List[Call]],
     except TypeError:
         return None
     return key
+
+
+def _batch_layout(batch: Any) -> tuple:
+    """The part of the signature that the batch alone decides (its first two entries)."""
+    leaves, spec = tree_flatten(batch)
+    return spec, _layout(leaves)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == is not a truth value (an array): not the same
+        return False
 
 
 def _layout(leaves: List[Any]) -> tuple:
@@ -248,7 +261,11 @@ class PerSampleEngine:
     def accumulate(self, batch: Any, n: int, sums: Dict[str, Tensor]) -> None:
         # A batch with the previous batch's signature, whose expanded outputs were checked
         # already, expands them in its one forward: no second forward and backward for them.
+        # Tried only when the batch's own shapes are the previous batch's (padding to each
+        # batch's longest sequence makes every signature new: no forward is wasted on them).
         widen = self.widened.get(self.last_key) if self.last_key is not None else None
+        if widen is not None and not _same(_batch_layout(batch), self.last_key[:2]):
+            widen = None
         if widen is None or not self._accumulate(batch, n, sums, widen):
             self._accumulate(batch, n, sums, None)
 
