@@ -265,22 +265,29 @@ def fsdp_run(tmp_path_factory):
     return root / "fsdp", root / "ddp", done
 
 
+def assert_trains_like_ddp(out: Path, ddp: Path) -> None:
+    """The same averaged gradients, reduce-scattered instead of all-reduced: the weights, Ω and
+    final accuracies of the DDP run."""
+    shared = torch.load(out / "shared_model.pth", weights_only=True)
+    want = torch.load(ddp / "shared_model.pth", weights_only=True)
+    assert shared.keys() == want.keys()
+    for name, w in want.items():
+        assert torch.allclose(shared[name], w, rtol=1e-4, atol=1e-6), name
+    omega = mas_optim.load_reg_params(out / "reg_params.pickle")
+    want_omega = mas_optim.load_reg_params(ddp / "reg_params.pickle")
+    assert omega.keys() == want_omega.keys()
+    for name, entry in want_omega.items():
+        assert torch.allclose(omega[name]["omega"], entry["omega"], rtol=1e-4, atol=1e-8), name
+    doc, want_doc = results(out), results(ddp)
+    assert all(abs(a - b) <= 1.0 for a, b in zip(doc["final_acc"], want_doc["final_acc"]))
+
+
 def test_torchrun_fsdp_trains_like_ddp(fsdp_run):
     out, ddp, done = fsdp_run
     assert done.stdout.count("Average accuracy") == 1 and "Traceback" not in done.stderr
     assert {str(p.relative_to(out)) for p in out.rglob("*")} == \
         {str(p.relative_to(ddp)) for p in ddp.rglob("*")}
-    # the same averaged gradients, reduce-scattered instead of all-reduced
-    shared = torch.load(out / "shared_model.pth", weights_only=True)
-    want = torch.load(ddp / "shared_model.pth", weights_only=True)
-    for name, w in want.items():
-        assert torch.allclose(shared[name], w, rtol=1e-4, atol=1e-6), name
-    omega = mas_optim.load_reg_params(out / "reg_params.pickle")
-    want_omega = mas_optim.load_reg_params(ddp / "reg_params.pickle")
-    for name, entry in want_omega.items():
-        assert torch.allclose(omega[name]["omega"], entry["omega"], rtol=1e-4, atol=1e-8), name
-    doc, want_doc = results(out), results(ddp)
-    assert all(abs(a - b) <= 1.0 for a, b in zip(doc["final_acc"], want_doc["final_acc"]))
+    assert_trains_like_ddp(out, ddp)
 
 
 def test_torchrun_fsdp_resume_mid_task_after_a_kill_ends_bit_identical(fsdp_run, tmp_path):
@@ -312,15 +319,4 @@ def test_torchrun_fsdp_trains_like_ddp_in_the_other_scenarios(scenario, tmp_path
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     ddp = torchrun(args, tmp_path / "ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    shared = torch.load(tmp_path / "fsdp" / "shared_model.pth", weights_only=True)
-    want = torch.load(tmp_path / "ddp" / "shared_model.pth", weights_only=True)
-    assert shared.keys() == want.keys()
-    for name, w in want.items():
-        assert torch.allclose(shared[name], w, rtol=1e-4, atol=1e-6), name
-    omega = mas_optim.load_reg_params(tmp_path / "fsdp" / "reg_params.pickle")
-    want_omega = mas_optim.load_reg_params(tmp_path / "ddp" / "reg_params.pickle")
-    assert omega.keys() == want_omega.keys()
-    for name, entry in want_omega.items():
-        assert torch.allclose(omega[name]["omega"], entry["omega"], rtol=1e-4, atol=1e-8), name
-    got, doc = results(tmp_path / "fsdp"), results(tmp_path / "ddp")
-    assert all(abs(a - b) <= 1.0 for a, b in zip(got["final_acc"], doc["final_acc"]))
+    assert_trains_like_ddp(tmp_path / "fsdp", tmp_path / "ddp")
